@@ -1,0 +1,1 @@
+"""Datasets and file formats: captions, the MS-SL/DL-DKD release layout."""
