@@ -9,7 +9,7 @@ from prvr.encoders.clip import RANDOM_MARKER, ModelLoadError, load_clip
 TINY = {
     "model_cfg": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16},
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     },
     "preprocess_cfg": {"size": 32},
