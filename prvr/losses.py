@@ -446,9 +446,11 @@ def dldkdpp_loss(q: Mapping[str, Tensor], v: Mapping[str, Tensor], vmask: Tensor
         else:
             if b == "inheritance":
                 if teacher_raw is None:
-                    raise ValueError("dldkdpp_loss: label_style 'soft' needs teacher_raw (Nq, B) for the inheritance branch")
+                    raise ValueError("dldkdpp_loss: label_style 'soft' needs teacher_raw (Nq, B) "
+                                     "for the inheritance branch")
                 if teacher_raw.shape != (n_q, n_v):
-                    raise ValueError(f"dldkdpp_loss: teacher_raw must be ({n_q}, {n_v}), got {tuple(teacher_raw.shape)}")
+                    raise ValueError(f"dldkdpp_loss: teacher_raw must be ({n_q}, {n_v}), "
+                                     f"got {tuple(teacher_raw.shape)}")
                 source = teacher_raw.detach().to(raw_max)
             else:
                 source = raw_max.detach() if p.detach_self_target else raw_max
@@ -460,9 +462,11 @@ def dldkdpp_loss(q: Mapping[str, Tensor], v: Mapping[str, Tensor], vmask: Tensor
                 if teacher_pos_cos is None:
                     raise ValueError("dldkdpp_loss: kd=True needs teacher_pos_cos (Nq, L) for the inheritance branch")
                 if teacher_pos_cos.shape != (n_q, length):
-                    raise ValueError(f"dldkdpp_loss: teacher_pos_cos must be ({n_q}, {length}), got {tuple(teacher_pos_cos.shape)}")
+                    raise ValueError(f"dldkdpp_loss: teacher_pos_cos must be ({n_q}, {length}), "
+                                     f"got {tuple(teacher_pos_cos.shape)}")
                 student_pos = cos_frames[torch.arange(n_q, device=labels.device), labels]  # (Nq, L)
-                out["kd"] = kd_loss(teacher_pos_cos.to(student_pos.device), student_pos, vmask[labels], p.kd_temperature)
+                teacher_pos = teacher_pos_cos.to(student_pos.device)
+                out["kd"] = kd_loss(teacher_pos, student_pos, vmask[labels], p.kd_temperature)
             else:
                 out["kd"] = _zero(cos_max)
             term = term + kd_w * out["kd"]

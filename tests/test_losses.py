@@ -237,7 +237,8 @@ def test_nce_matches_numpy_and_video_without_query():
     assert torch.isfinite(Z.grad).all()
 
 
-@pytest.mark.parametrize("alpha,beta", [(0.799, 0.799), (0.4856, 0.5), (0.0, 0.5), (1.0, 0.8), (0.2, 0.6), (0.34, 0.7), (0.5, 0.6)])
+@pytest.mark.parametrize("alpha,beta", [(0.799, 0.799), (0.4856, 0.5), (0.0, 0.5), (1.0, 0.8), (0.2, 0.6),
+                                        (0.34, 0.7), (0.5, 0.6)])
 def test_soft_nce_matches_numpy(alpha, beta):
     # (0.2, Nq 9, B 4): 1 hard query row, 0 hard video columns → the hard term drops out;
     # (0.34): 3 hard rows, 1 hard column; (0.5): 4 hard rows, 2 hard columns (the hard rows'
@@ -408,7 +409,8 @@ def test_total_loss_detach_self_target_changes_exploration_grads_only():
     grads = {}
     for detach in (False, True):
         qq = {k: x.clone().requires_grad_(True) for k, x in q.items()}
-        out = dldkdpp_loss(qq, v, vmask, labels, t_raw, t_pos, 60, LossParams(hard_pool_size=1, detach_self_target=detach))
+        p = LossParams(hard_pool_size=1, detach_self_target=detach)
+        out = dldkdpp_loss(qq, v, vmask, labels, t_raw, t_pos, 60, p)
         out["loss"].backward()
         grads[detach] = {k: x.grad for k, x in qq.items()}
     torch.testing.assert_close(grads[False]["inheritance"], grads[True]["inheritance"])

@@ -84,7 +84,8 @@ def _np_encode(P, side, x, mask, n_heads):
     d = hid // n_heads
     out = np.zeros_like(h)
     for i in range(n):
-        proj = {k: h[i] @ P[f"{side}_encoder.{k}.weight"].T + P[f"{side}_encoder.{k}.bias"] for k in ("query", "key", "value")}
+        proj = {k: h[i] @ P[f"{side}_encoder.{k}.weight"].T + P[f"{side}_encoder.{k}.bias"]
+                for k in ("query", "key", "value")}
         heads = []
         for a in range(n_heads):
             sl = slice(a * d, (a + 1) * d)
@@ -139,7 +140,8 @@ def test_padding_does_not_change_outputs():
         q1 = model.encode_query(tokens, torch.ones(1, 2))
         v1 = model.encode_video(frames, torch.ones(1, 3))
         q2 = model.encode_query(torch.cat([tokens, 50 * torch.randn(1, 3, 10)], 1), torch.tensor([[1, 1, 0, 0, 0.0]]))
-        v2 = model.encode_video(torch.cat([frames, 50 * torch.randn(1, 4, 12)], 1), torch.tensor([[1, 1, 1, 0, 0, 0, 0]]))
+        v2 = model.encode_video(torch.cat([frames, 50 * torch.randn(1, 4, 12)], 1),
+                                torch.tensor([[1, 1, 1, 0, 0, 0, 0]]))
     for b in BRANCHES:
         torch.testing.assert_close(q1[b], q2[b], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v1[b], v2[b][:, :3], rtol=1e-5, atol=1e-6)
