@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,7 +102,7 @@ def score_ranks(
         query_chunk, video_chunk: block sizes; the (q, v, L) block also stays under ``max_elements``.
 
     Returns:
-        {"fused": (Nq,) ranks, branch: (Nq,) ranks, ...} (CPU int64).
+        {"fused": (Nq,) ranks, branch: (Nq,) ranks, ...} (numpy int64; pessimistic ties, see prvr.metrics).
     """
     from prvr.metrics import ranks_from_scores
 
@@ -109,7 +110,7 @@ def score_ranks(
     weights = fusion_weights(branches, fusion)
     n_q, (n_v, length) = next(iter(q.values())).shape[0], vmask.shape
     neg = torch.finfo(torch.float32).min
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ["fused", *branches]}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ["fused", *branches]}
     for qa in range(0, n_q, query_chunk):
         qs = slice(qa, min(qa + query_chunk, n_q))
         nq_c = qs.stop - qs.start
@@ -124,13 +125,13 @@ def score_ranks(
             per[b] = torch.cat(cols, dim=1)
         fused = sum(weights[b] * per[b] for b in branches)
         g = gt[qs].to(fused.device)
-        out["fused"].append(ranks_from_scores(fused, g).cpu())
+        out["fused"].append(ranks_from_scores(fused, g))
         if len(branches) > 1:
             for b in branches:
-                out[b].append(ranks_from_scores(per[b], g).cpu())
+                out[b].append(ranks_from_scores(per[b], g))
         else:
             out[branches[0]].append(out["fused"][-1])
-    return {k: torch.cat(x) for k, x in out.items()}
+    return {k: np.concatenate(x) for k, x in out.items()}
 
 
 def evaluate_model(

@@ -85,7 +85,6 @@ def test_teacher_scores_cosine_all_frames(synth):
 
 
 def test_teacher_metrics_json(synth, tmp_path):
-    pytest.importorskip("prvr.metrics")
     m = teacher_metrics(synth.teacher_video, synth.teacher_text, synth.captions["test"], tmp_path / "m.json")
     saved = json.loads((tmp_path / "m.json").read_text())
     for k in ("R@1", "R@5", "R@10", "R@100", "SumR", "medr", "meanr"):

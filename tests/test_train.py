@@ -14,7 +14,6 @@ from prvr.teacher import teacher_similarity
 from prvr.train import LOG_COLUMNS, build_model, train
 
 torch.set_num_threads(1)
-pytest.importorskip("prvr.metrics")  # lands with helper H1; remove then
 
 TINY = dict(hidden=16, n_heads=2, drop=0.1, input_drop=0.1, batch_size=16, lr=2e-3, progress=False, threads=1)
 
