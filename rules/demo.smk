@@ -4,9 +4,9 @@
 rule demo_videos:
     output:
         videos=directory("results/{dataset}/raw/videos"),
-        train="results/{dataset}/raw/{dataset}train.caption.txt",
-        val="results/{dataset}/raw/{dataset}val.caption.txt",
-        test="results/{dataset}/raw/{dataset}test.caption.txt",
+        train="results/{dataset}/raw/demotrain.caption.txt",
+        val="results/{dataset}/raw/demoval.caption.txt",
+        test="results/{dataset}/raw/demotest.caption.txt",
         moments="results/{dataset}/raw/moments.tsv",
     log:
         "logs/{dataset}/demo_videos.log",

@@ -14,6 +14,7 @@ rule clip_text:
     params:
         clip=block("clip"),
         device=block("device"),
+        dtype=lambda w: dcfg(w.dataset)["extract"]["dtype"],
     threads: 2
     wildcard_constraints:
         dataset=_alt(VIDEO_DATASETS),
@@ -36,6 +37,7 @@ rule student_text:
     params:
         student_text=block("student_text"),
         device=block("device"),
+        dtype=lambda w: dcfg(w.dataset)["extract"]["dtype"],
     threads: 2
     wildcard_constraints:
         dataset=_alt(VIDEO_DATASETS),
