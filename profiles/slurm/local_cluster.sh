@@ -66,8 +66,9 @@ wait_for() {
     done
 }
 
-alive() { # alive NAME: the recorded PID still runs daemon NAME of this state directory
-    local pidfile=$RUN/$1.started pid comm environ
+alive() { # alive NAME [STATE]: the recorded PID still runs daemon NAME of that state directory
+    local state=${2:-$STATE}
+    local pidfile=$state/run/$1.started pid comm environ
     [[ -f $pidfile ]] || return 1
     pid=$(<"$pidfile")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
@@ -75,7 +76,29 @@ alive() { # alive NAME: the recorded PID still runs daemon NAME of this state di
     [[ $comm == "$1" ]] || return 1
     # Guard against PID reuse: the process must carry this state directory's marker.
     environ=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ") || return 1
-    grep -qxF "PRVR_SLURM_STATE=$STATE" <<<"$environ"
+    grep -qxF "PRVR_SLURM_STATE=$state" <<<"$environ"
+}
+
+# check_sysconf: /etc/slurm/slurm.conf must be absent, ours, or a leftover link of a
+# local_cluster.sh whose daemons are all gone (e.g. the machine was reset); never anything else.
+check_sysconf() {
+    [[ -e $SYSCONF || -L $SYSCONF ]] || return 0
+    local target other d
+    target=$(readlink "$SYSCONF") ||
+        die "$SYSCONF exists: this machine already has a Slurm configuration; not touching it"
+    [[ $target == "$CONF" ]] && return 0
+    [[ $target == */etc/slurm.conf ]] ||
+        die "$SYSCONF links to $target: a Slurm configuration that is not ours; not touching it"
+    if [[ -e $target ]] && ! grep -qs "Written by profiles/slurm/local_cluster.sh" "$target"; then
+        die "$SYSCONF links to $target, not written by local_cluster.sh; not touching it"
+    fi
+    other=${target%/etc/slurm.conf}
+    for d in "${DAEMONS[@]}"; do
+        alive "$d" "$other" && die "another local cluster runs from $other; stop it first" \
+            "(PRVR_SLURM_DIR=$other $0 stop)"
+    done
+    say "removing the stale link $SYSCONF -> $target"
+    rm -f "$SYSCONF"
 }
 
 port_free() {
@@ -225,9 +248,7 @@ cmd_start() {
     for d in "${DAEMONS[@]}"; do
         alive "$d" && die "a cluster already runs from $STATE ($d); run '$0 stop' first"
     done
-    if [[ -e $SYSCONF || -L $SYSCONF ]] && [[ $(readlink "$SYSCONF") != "$CONF" ]]; then
-        die "$SYSCONF exists: this machine already has a Slurm configuration; not touching it"
-    fi
+    check_sysconf
     for p in $PORT $((PORT + 1)) $((PORT + 2)) $((PORT + 3)); do
         port_free "$p" || die "port $p is in use (set PRVR_SLURM_PORT to a free range of 4)"
     done
