@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("R@1", "R@5", "R@10", "R@100", "SumR", "medr", "meanr", "mAP")
 BRANCH_WEIGHTS = ("inheritance", "exploration")
+PAD_PENALTY = -1e4  # score of a padded frame (real frames score a cosine in [-1, 1])
 
 
 @torch.no_grad()
@@ -109,7 +110,11 @@ def score_ranks(
     branches = [b for b in BRANCH_WEIGHTS if b in q]
     weights = fusion_weights(branches, fusion)
     n_q, (n_v, length) = next(iter(q.values())).shape[0], vmask.shape
-    neg = torch.finfo(torch.float32).min
+    # One extra coordinate puts a -1e4 penalty on padded frames inside the product itself
+    # (cosines lie in [-1, 1]), so no masked copy of the (q, v, L) block is needed.
+    penalty = torch.where(vmask, 0.0, PAD_PENALTY).to(next(iter(v.values())).dtype)[..., None]
+    q = {b: torch.cat([x, torch.ones_like(x[:, :1])], dim=1) for b, x in q.items()}
+    v = {b: torch.cat([x, penalty], dim=2) for b, x in v.items()}
     out: dict[str, list[np.ndarray]] = {k: [] for k in ["fused", *branches]}
     for qa in range(0, n_q, query_chunk):
         qs = slice(qa, min(qa + query_chunk, n_q))
@@ -120,8 +125,7 @@ def score_ranks(
             cols = []
             for va in range(0, n_v, vstep):
                 vs = slice(va, min(va + vstep, n_v))
-                s = torch.einsum("qh,vlh->qvl", q[b][qs], v[b][vs])
-                cols.append(s.masked_fill(~vmask[None, vs], neg).amax(dim=-1))
+                cols.append(torch.einsum("qh,vlh->qvl", q[b][qs], v[b][vs]).amax(dim=-1))
             per[b] = torch.cat(cols, dim=1)
         fused = sum(weights[b] * per[b] for b in branches)
         g = gt[qs].to(fused.device)
