@@ -23,6 +23,7 @@ resource_scopes:
 
 include: "rules/common.smk"
 include: "rules/demo.smk"
+include: "rules/import.smk"
 include: "rules/videos.smk"
 include: "rules/text.smk"
 include: "rules/teacher.smk"
