@@ -291,6 +291,7 @@ def extract(
         first = ("pyav",) if r.get("backend") == "pyav" else ("decord", "pyav")
         tasks.append(Task(i, decode_steps, (DecodeTask(backends=first, **args),),
                           fallback_args=(DecodeTask(backends=("pyav",), **args),)))
+    pool = WorkerPool(workers, timeout_s, log_path=log_path).start() if tasks else WorkerPool(0)
     setup_s = time.perf_counter() - t_start
 
     queues = [collections.deque() for _ in encoders]  # (video index, step, input)
@@ -353,7 +354,6 @@ def extract(
                     if todo[vi].complete():
                         finish(todo[vi])
 
-    pool = WorkerPool(workers, timeout_s, log_path=log_path)
     try:
         with torch.inference_mode():
             for ev, key, payload in pool.imap(tasks):

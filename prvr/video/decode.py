@@ -750,6 +750,17 @@ class WorkerPool:
         slot.proc = slot.conn_in = slot.conn_out = None
         slot.task, slot.busy_since, slot.items = None, None, 0
 
+    def start(self) -> WorkerPool:
+        """Start every worker now (else they start on first use); returns self."""
+        try:
+            for s in self.slots:
+                if s.proc is None:
+                    self._spawn(s)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def close(self) -> None:
         """Stop all workers (politely, then by force)."""
         for s in self.slots:
