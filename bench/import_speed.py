@@ -5,6 +5,8 @@ video features, 768-d RoBERTa token features, 512-d CLIP frames and captions, 5 
 per video, 60-90 rows per video), then measures in the same run:
 
 * ``read``: a plain sequential read of every release file (16 MiB ``readinto``), the limit;
+* ``copy``: a plain copy of the same files next to the outputs (16 MiB reads and writes): an
+  import must at least read and write every byte, so this is the limit of any importer;
 * ``import``: ``import_release`` of the same files into prvr's stores, in a fresh process
   (wall time inside the process, and until the outputs are fsync-ed), with its peak RSS.
 
@@ -34,10 +36,10 @@ CHILD = r"""
 import json, resource, sys, time, logging
 logging.basicConfig(level=logging.WARNING)
 from prvr.data.msrl import dataset_paths, import_release
-src, out = json.loads(sys.argv[1]), sys.argv[2]
+src, out, threads = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 p = dataset_paths(out)
 t = time.perf_counter()
-s = import_release(src, p["captions"], p["student_video"], p["student_text"], p["clip_frames"], p["clip_text"])
+s = import_release(src, p["captions"], p["student_video"], p["student_text"], p["clip_frames"], p["clip_text"], threads=threads)
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "bytes_read": s["bytes_read"], "stores": s["stores"],
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -68,6 +70,26 @@ def plain_read(paths: list[Path]) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
+def plain_copy(paths: list[Path], src_root: Path, dest: Path) -> tuple[int, float]:
+    """Copy the files with 16 MiB reads/writes (what an import must do at least: read + write the bytes)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.sync()
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    n = 0
+    t = time.perf_counter()
+    for p in paths:
+        out = dest / p.relative_to(src_root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "rb", buffering=0) as f, open(out, "wb", buffering=0) as g:
+            while k := f.readinto(buf):
+                g.write(view[:k])
+                n += k
+    dt = time.perf_counter() - t
+    shutil.rmtree(dest, ignore_errors=True)
+    return n, dt
+
+
 def fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
@@ -78,10 +100,12 @@ def fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def run_import(source: dict, out: Path) -> dict:
+def run_import(source: dict, out: Path, threads: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # start without dirty pages of earlier steps (their write-back would be billed here)
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(source), str(out)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(source), str(out), str(threads)],
+                         capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode:
         raise SystemExit(res.stderr)
@@ -97,6 +121,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
     ap.add_argument("--dir", default="/tmp/prvr-bench-import")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="import_release(threads=...) values")
     ap.add_argument("--keep", action="store_true", help="keep the generated releases between runs")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -117,34 +142,42 @@ def main() -> None:
         total = sum(p.stat().st_size for p in files)
         source = {"format": "msrl", "root": str(rel_dir / "tvr"), "collection": "tvr", "dtype": a.dtype}
         for mode in a.modes:
-            if mode == "cold":
-                evict(files)
-            else:
-                plain_read(files)
-            n, dt_read = plain_read(files)
-            if mode == "cold":
-                evict(files)
-            info = run_import(source, base / f"out-{nv}")
-            row = {
-                "videos": nv, "mode": mode, "release_mb": total / 1e6,
-                "read_mb_s": n / 1e6 / dt_read,
-                "import_mb_s": total / 1e6 / info["seconds"],
-                "import_synced_mb_s": total / 1e6 / info["seconds_synced"],
-                "ratio": (total / info["seconds"]) / (n / dt_read),
-                "peak_rss_mb": info["maxrss_mb"],
-                "stores": {k: round(v["bytes_read"] / 1e6 / max(v["seconds"], 1e-9)) for k, v in info["stores"].items()},
-            }
-            results.append(row)
-            print(json.dumps(row), file=sys.stderr)
-            shutil.rmtree(base / f"out-{nv}", ignore_errors=True)
+            for threads in a.threads:
+                os.sync()
+                if mode == "cold":
+                    evict(files)
+                else:
+                    plain_read(files)
+                n, dt_read = plain_read(files)
+                if mode == "cold":
+                    evict(files)
+                _, dt_copy = plain_copy(files, rel_dir, base / f"copy-{nv}")
+                if mode == "cold":
+                    evict(files)
+                info = run_import(source, base / f"out-{nv}", threads)
+                row = {
+                    "videos": nv, "mode": mode, "threads": threads, "release_mb": total / 1e6,
+                    "read_mb_s": n / 1e6 / dt_read,
+                    "copy_mb_s": n / 1e6 / dt_copy,
+                    "import_mb_s": total / 1e6 / info["seconds"],
+                    "import_synced_mb_s": total / 1e6 / info["seconds_synced"],
+                    "ratio": (total / info["seconds"]) / (n / dt_read),
+                    "peak_rss_mb": info["maxrss_mb"],
+                    "stores": {k: round(v["bytes_read"] / 1e6 / max(v["seconds"], 1e-9)) for k, v in info["stores"].items()},
+                }
+                results.append(row)
+                print(json.dumps(row), file=sys.stderr)
+                shutil.rmtree(base / f"out-{nv}", ignore_errors=True)
         if not a.keep:
             shutil.rmtree(rel_dir, ignore_errors=True)
     print(f"dtype of the stores: {a.dtype}; {os.cpu_count()} CPUs\n")
-    print("| videos | cache | release MB | plain read MB/s | import MB/s | import/read | import MB/s incl. fsync | peak RSS MB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| videos | cache | threads | release MB | plain read MB/s | plain copy MB/s | import MB/s | import/read "
+          "| import/copy | import MB/s incl. fsync | peak RSS MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['videos']} | {r['mode']} | {r['release_mb']:.0f} | {r['read_mb_s']:.0f} | {r['import_mb_s']:.0f} | "
-              f"{100 * r['ratio']:.0f} % | {r['import_synced_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(f"| {r['videos']} | {r['mode']} | {r['threads']} | {r['release_mb']:.0f} | {r['read_mb_s']:.0f} | "
+              f"{r['copy_mb_s']:.0f} | {r['import_mb_s']:.0f} | {100 * r['ratio']:.0f} % | "
+              f"{100 * r['import_mb_s'] / r['copy_mb_s']:.0f} % | {r['import_synced_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

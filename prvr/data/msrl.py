@@ -59,7 +59,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_VISUAL_FEATURE = {"tvr": "i3d_resnet", "activitynet": "i3d", "charades": "i3d_rgb_lgi"}
 CLIP_MODEL = "ViT-B/32 (MS-SL/DL-DKD release features)"
 STORE_CHUNK_BYTES = 16 << 20  # target size of one zarr chunk of an imported store
-RELEASE_EVERY_BYTES = 256 << 20  # drop mapped feature.bin pages from our RSS after this many bytes
+RELEASE_EVERY_BYTES = 64 << 20  # drop mapped release pages from our RSS after this many bytes
 DOCS = "docs/reproduce.md"
 
 
@@ -451,9 +451,11 @@ class BigFile:
         if not frames:
             return np.zeros(0, dtype=np.int64)
         q = np.array([f.encode("utf-8") for f in frames], dtype=np.bytes_)
-        pos = np.searchsorted(self._sorted, q)
-        pos = np.minimum(pos, len(self._sorted) - 1)
-        ok = self._sorted[pos] == q
+        if len(self._sorted) == 0:
+            pos, ok = np.zeros(len(q), dtype=np.int64), np.zeros(len(q), dtype=bool)
+        else:
+            pos = np.minimum(np.searchsorted(self._sorted, q), len(self._sorted) - 1)
+            ok = self._sorted[pos] == q
         if not ok.all():
             bad = [frames[i] for i in np.flatnonzero(~ok)[:5]]
             raise ReleaseError(
@@ -683,7 +685,7 @@ class _Pager:
         self.size = len(mm) if mm is not None else 0
         self.ahead, self.release_every = ahead, release_every
         self.prefetched = 0  # end of the range already advised WILLNEED
-        self.released = 0  # start of the range still mapped in
+        self.released = 0  # position of the last release
         if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             mm.madvise(mmap.MADV_SEQUENTIAL)
 
@@ -700,7 +702,9 @@ class _Pager:
             self._advise("MADV_WILLNEED", max(pos, self.prefetched), pos + self.ahead)
             self.prefetched = min(pos + self.ahead, self.size)
         if pos - self.released >= self.release_every:
-            self._advise("MADV_DONTNEED", self.released, pos)
+            # everything behind, not only the last stretch: rows still buffered by a store writer
+            # fault their pages back in when flushed, and those must go too
+            self._advise("MADV_DONTNEED", 0, pos)
             self.released = pos - pos % mmap.PAGESIZE
 
     def done(self) -> None:
@@ -730,7 +734,7 @@ def _import_bigfile(big: BigFile, plan: _Plan, out: Path, dtype: str, attrs: dic
     return {"bytes_read": n_bytes, "seconds": round(time.time() - t0, 3)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _H5Item:
     item_id: str
     key: str
