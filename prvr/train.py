@@ -212,7 +212,7 @@ def _md5(path: str) -> str | None:
 class Trainer:
     """State of one training run; :func:`train` is the entry point."""
 
-    def __init__(self, paths: TrainPaths, cfg: TrainConfig, out_dir: Path):
+    def __init__(self, paths: TrainPaths, cfg: TrainConfig, out_dir: Path, skip_missing: bool = False):
         from prvr.losses import LossParams
         from prvr.optim import BertAdam, param_groups
 
@@ -226,14 +226,17 @@ class Trainer:
         cache = out_dir / ".cache"
         caps_train = read_captions(paths.captions["train"])
         caps_val = read_captions(paths.captions["val"])
+        # With teacher targets the student rows are aligned to the teacher's length, also for
+        # runs that use no teacher term (as the reference loader always does in training).
         self.train_data = PRVRData.load(
-            caps_train, paths.student_video, paths.student_text, teacher=paths.teacher_dir if needs_teacher else None,
-            max_ctx_l=cfg.max_ctx_l, max_desc_l=cfg.max_desc_l, memory_budget_gb=cfg.memory_budget_gb,
-            cache_dir=cache, split=paths.captions["train"],
+            caps_train, paths.student_video, paths.student_text, teacher=paths.teacher_dir, max_ctx_l=cfg.max_ctx_l,
+            max_desc_l=cfg.max_desc_l, memory_budget_gb=cfg.memory_budget_gb, cache_dir=cache,
+            skip_missing=skip_missing, split=paths.captions["train"],
         )  # fmt: skip
         self.val_data = PRVRData.load(
             caps_val, paths.student_video, paths.student_text, max_ctx_l=cfg.max_ctx_l, max_desc_l=cfg.max_desc_l,
-            memory_budget_gb=max(0.0, cfg.memory_budget_gb / 4), cache_dir=cache, split=paths.captions["val"],
+            memory_budget_gb=max(0.0, cfg.memory_budget_gb / 4), cache_dir=cache, skip_missing=skip_missing,
+            split=paths.captions["val"],
         )  # fmt: skip
         self.val_equals_test = (
             "test" in paths.captions and _md5(paths.captions["val"]) is not None
@@ -464,6 +467,7 @@ def train(
     resume: bool = True,
     stop_after_epochs: int | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    skip_missing: bool = False,
 ) -> dict:
     """Train (or resume) a DL-DKD++ student; see the module docstring for what is written.
 
@@ -475,6 +479,7 @@ def train(
         stop_after_epochs: return after this many epochs of this call (checkpoint written), as
             a kill would; a later call resumes.
         on_epoch_end: called as ``f(epoch, log_row)`` after each epoch's checkpoint.
+        skip_missing: drop captions whose features are missing (warning) instead of failing.
 
     Returns:
         The summary (also ``summary.json``): best epoch, best val SumR, epochs run, seconds, ...;
@@ -487,7 +492,7 @@ def train(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     _atomic_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "paths": dataclasses.asdict(paths)}, indent=2) + "\n")
-    trainer = Trainer(paths, cfg, out)
+    trainer = Trainer(paths, cfg, out, skip_missing=skip_missing)
     try:
         if not (resume and trainer.try_resume()):
             for stale in ("best.safetensors", "model.json", "log.csv", "summary.json"):

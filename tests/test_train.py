@@ -153,3 +153,22 @@ def test_training_learns_planted_structure(tmp_path):
     assert max(untrained) < chance + 40
     assert trained["SumR"] > chance + 100
     assert trained["SumR"] > max(untrained) + 80
+
+
+def test_missing_videos_fail_or_are_skipped(tiny_set, tmp_path):
+    from prvr.data.captions import Caption, write_captions
+    from prvr.data.dataset import DataError
+
+    p, _ = tiny_set
+    caps = read_captions(p.captions["train"]) + [Caption("ghost#enc#0", "ghost", "not extracted")]
+    write_captions(tmp_path / "train.txt", caps)
+    with pytest.raises(DataError, match="ghost"):
+        teacher_similarity(p.teacher_video, p.teacher_text, p.student_video, tmp_path / "train.txt", tmp_path / "t")
+    teacher_similarity(p.teacher_video, p.teacher_text, p.student_video, tmp_path / "train.txt", tmp_path / "t",
+                       skip_missing=True)  # fmt: skip
+    paths = p.as_train_paths(tmp_path / "t")
+    paths["captions"]["train"] = str(tmp_path / "train.txt")
+    with pytest.raises(DataError, match=r"1 videos missing from student video store .*ghost"):
+        train(paths, _cfg(n_epoch=1), tmp_path / "run")
+    s = train(paths, _cfg(n_epoch=1), tmp_path / "run", skip_missing=True)
+    assert s["n_train_videos"] == 40

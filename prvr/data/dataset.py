@@ -50,7 +50,7 @@ from prvr.store import FeatureStore, StoreError
 log = logging.getLogger(__name__)
 
 L2_EPS = 1e-5
-READ_BLOCK_ROWS = 32768  # rows read from a store in one slice while loading
+READ_BLOCK_BYTES = 64 * 2**20  # bytes read from a store in one slice while loading
 
 
 class DataError(ValueError):
@@ -276,8 +276,11 @@ class _Allocator:
         return arr
 
 
-def _iter_store_items(store: FeatureStore, rows_idx: Sequence[int], block_rows: int = READ_BLOCK_ROWS):
+def _iter_store_items(store: FeatureStore, rows_idx: Sequence[int], block_rows: int | None = None):
     """Yield ``(position, rows)`` for store items ``rows_idx`` (store indices), reading in big slices."""
+    if block_rows is None:
+        itemsize = np.dtype(store.rows().dtype).itemsize
+        block_rows = max(1, READ_BLOCK_BYTES // max(1, store.dim * itemsize))
     order = np.argsort(np.asarray(rows_idx, dtype=np.int64), kind="stable")
     arr = store.rows()
     off = store.offsets
