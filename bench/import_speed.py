@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/prvr-bench-import")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="import_release(threads=...) values")
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions of every measurement (medians are printed)")
     ap.add_argument("--keep", action="store_true", help="keep the generated releases between runs")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -141,36 +142,48 @@ def main() -> None:
         files = [p for p in release_files(rel_dir) if p.name != ".complete"]
         total = sum(p.stat().st_size for p in files)
         source = {"format": "msrl", "root": str(rel_dir / "tvr"), "collection": "tvr", "dtype": a.dtype}
-        for mode in a.modes:
-            for threads in a.threads:
-                os.sync()
-                if mode == "cold":
-                    evict(files)
-                else:
-                    plain_read(files)
-                n, dt_read = plain_read(files)
-                if mode == "cold":
-                    evict(files)
-                _, dt_copy = plain_copy(files, rel_dir, base / f"copy-{nv}")
-                if mode == "cold":
-                    evict(files)
-                info = run_import(source, base / f"out-{nv}", threads)
-                row = {
-                    "videos": nv, "mode": mode, "threads": threads, "release_mb": total / 1e6,
-                    "read_mb_s": n / 1e6 / dt_read,
-                    "copy_mb_s": n / 1e6 / dt_copy,
-                    "import_mb_s": total / 1e6 / info["seconds"],
-                    "import_synced_mb_s": total / 1e6 / info["seconds_synced"],
-                    "ratio": (total / info["seconds"]) / (n / dt_read),
-                    "peak_rss_mb": info["maxrss_mb"],
-                    "stores": {k: round(v["bytes_read"] / 1e6 / max(v["seconds"], 1e-9)) for k, v in info["stores"].items()},
-                }
-                results.append(row)
-                print(json.dumps(row), file=sys.stderr)
-                shutil.rmtree(base / f"out-{nv}", ignore_errors=True)
+        for mode, threads, _ in [(m, t, r) for r in range(a.repeat) for m in a.modes for t in a.threads]:
+            os.sync()
+            if mode == "cold":
+                evict(files)
+            else:
+                plain_read(files)
+            n, dt_read = plain_read(files)
+            if mode == "cold":
+                evict(files)
+            _, dt_copy = plain_copy(files, rel_dir, base / f"copy-{nv}")
+            if mode == "cold":
+                evict(files)
+            info = run_import(source, base / f"out-{nv}", threads)
+            row = {
+                "videos": nv, "mode": mode, "threads": threads, "release_mb": total / 1e6,
+                "read_mb_s": n / 1e6 / dt_read,
+                "copy_mb_s": n / 1e6 / dt_copy,
+                "import_mb_s": total / 1e6 / info["seconds"],
+                "import_synced_mb_s": total / 1e6 / info["seconds_synced"],
+                "ratio": (total / info["seconds"]) / (n / dt_read),
+                "peak_rss_mb": info["maxrss_mb"],
+                "stores": {k: round(v["bytes_read"] / 1e6 / max(v["seconds"], 1e-9)) for k, v in info["stores"].items()},
+            }
+            results.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            shutil.rmtree(base / f"out-{nv}", ignore_errors=True)
         if not a.keep:
             shutil.rmtree(rel_dir, ignore_errors=True)
-    print(f"dtype of the stores: {a.dtype}; {os.cpu_count()} CPUs\n")
+    print(f"dtype of the stores: {a.dtype}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}\n")
+    if a.repeat > 1:
+        import statistics
+
+        med = []
+        for key in dict.fromkeys((r["videos"], r["mode"], r["threads"]) for r in results):
+            rs = [r for r in results if (r["videos"], r["mode"], r["threads"]) == key]
+            m = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+            m["ratio"] = statistics.median(r["import_mb_s"] / r["read_mb_s"] for r in rs)
+            m["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+            med.append({**m, "mode": key[1], "videos": key[0], "threads": key[2]})
+        print(f"medians of {a.repeat} repetitions (import/read: median of the per-repetition ratios; "
+              "peak RSS: the largest)\n")
+        results = med
     print("| videos | cache | threads | release MB | plain read MB/s | plain copy MB/s | import MB/s | import/read "
           "| import/copy | import MB/s incl. fsync | peak RSS MB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -593,3 +593,13 @@ def test_export_names():
     assert export_names("mine", {"student_video": [{"kind": "i3d"}, {"kind": "resnet"}]}) == ("mine", "prvr_i3d_resnet")
     src = {"format": "msrl", "root": "x", "collection": "activitynet"}
     assert export_names("anet", {"source": src}) == ("activitynet", "i3d")
+
+
+def test_video2frames_frame_unknown_to_id_txt(tmp_path):
+    rel = make_release(tmp_path / "rel", n_videos=6)
+    vid = rel.videos("train")[0]
+    frames = dict(rel.frame_ids)
+    frames[vid] = frames[vid] + [f"{vid}_999"]
+    (rel.bigfile / "video2frames.txt").write_text(repr(frames))
+    with pytest.raises(ReleaseError, match=f"video '{vid}' lists 1 frame id.*id.txt does not have.*{vid}_999"):
+        run_import(rel, tmp_path / "out")

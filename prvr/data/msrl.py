@@ -464,8 +464,13 @@ class BigFile:
             )
         return self._order[pos].astype(np.int64)
 
+    def drop_index(self) -> None:
+        """Free the frame-id index (after the last :meth:`row_index`); rows stay readable."""
+        self._sorted = self._order = None
+
     def close(self) -> None:
         self.rows = None
+        self.drop_index()
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -579,6 +584,7 @@ def plan_import(
                 r = big.row_index(frames, vid)
                 if len(r):
                     rows[vid] = r
+        big.drop_index()
         no_video = [v for v in referenced if v not in rows]
         no_teacher: list[str] = []
         clip_keys: set[str] = set()
