@@ -235,7 +235,7 @@ class Trainer:
         )  # fmt: skip
         self.val_data = PRVRData.load(
             caps_val, paths.student_video, paths.student_text, max_ctx_l=cfg.max_ctx_l, max_desc_l=cfg.max_desc_l,
-            memory_budget_gb=max(0.0, cfg.memory_budget_gb / 4), cache_dir=cache, skip_missing=skip_missing,
+            memory_budget_gb=max(0.0, self.train_data.memory_left_gb), cache_dir=cache, skip_missing=skip_missing,
             split=paths.captions["val"],
         )  # fmt: skip
         self.val_equals_test = (

@@ -614,6 +614,11 @@ class PRVRData:
 
     # ---------------------------------------------------------------- properties
     @property
+    def memory_left_gb(self) -> float:
+        """What is left of ``memory_budget_gb`` after this split's in-memory arrays."""
+        return float("inf") if self._allocator is None else self._allocator.left / 1e9
+
+    @property
     def n_videos(self) -> int:
         return len(self.video_ids)
 
