@@ -15,16 +15,21 @@
 # too) before the `srun` inside each job, so that srun must find the config at the default
 # path. `start` refuses to run on a machine that already has an /etc/slurm/slurm.conf.
 #
-# The node advertises one fake GPU (gres gpu:fake:1, File=/dev/null) so that jobs asking for
-# --gpus=1 are scheduled; they run on the CPU. Accounting (slurmdbd + MariaDB) is on by default
-# because Snakemake's Slurm plugin polls job states with `sacct`, which fails without slurmdbd
-# (Snakemake then waits forever). PRVR_SLURM_ACCOUNTING=0 skips both daemons: jobs then stay in
-# `squeue` for MinJobAge=600 s and Snakemake must be told `--slurm-status-command squeue`
-# (with --slurm-init-seconds-before-status-checks <= 200).
+# The node advertises fake GPUs (gres gpu:fake:1 with File=/dev/null; PRVR_SLURM_GPUS=N: N empty
+# files) so that jobs asking for --gpus=1 are scheduled; they run on the CPU (CUDA_VISIBLE_DEVICES
+# is set, but there is no CUDA device: `device: auto` picks the CPU).
+#
+# Accounting (slurmdbd + MariaDB) is on by default because Snakemake's Slurm plugin polls job
+# states with `sacct`, which fails without slurmdbd (Snakemake then waits forever).
+# PRVR_SLURM_ACCOUNTING=0 skips both daemons: finished jobs then stay in `squeue` for
+# MinJobAge=600 s and Snakemake must be told `--slurm-status-command squeue` (with
+# --slurm-init-seconds-before-status-checks <= 200).
 #
 # Settings (environment): PRVR_SLURM_DIR, PRVR_SLURM_PORT (first of four consecutive ports:
 # slurmctld, slurmd, slurmdbd, mariadb; default 16817), PRVR_SLURM_ACCOUNTING (1|0),
-# PRVR_SLURM_CPUS (default: nproc, at least 2), PRVR_SLURM_TIMEOUT (seconds per wait, 60).
+# PRVR_SLURM_CPUS (CPUs the node offers; default nproc, at least 2; more than the machine has
+# lets more jobs overlap), PRVR_SLURM_GPUS (fake GPUs, default 1), PRVR_SLURM_TIMEOUT (seconds
+# per wait, default 60).
 set -euo pipefail
 
 STATE=${PRVR_SLURM_DIR:-/tmp/prvr-slurm}
@@ -147,9 +152,10 @@ launch() {
 }
 
 write_configs() {
-    local cpus mem_mb
+    local cpus mem_mb gpus=${PRVR_SLURM_GPUS:-1}
     cpus=${PRVR_SLURM_CPUS:-$(nproc)}
     ((cpus < 2)) && cpus=2
+    [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "PRVR_SLURM_GPUS must be a positive integer, not '$gpus'"
     # Memory is not a consumable here (CR_Core): RealMemory only has to admit --mem requests.
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
     ((mem_mb < 16384)) && mem_mb=16384
@@ -160,7 +166,8 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$((PORT + 2))
 AccountingStoragePass=$RUN/munge.socket
 JobAcctGatherType=jobacct_gather/linux
-AccountingStorageTRES=gres/gpu"
+AccountingStorageTRES=gres/gpu
+AccountingStoreFlags=job_comment"
     fi
     cat >"$CONF" <<EOF
 # Written by profiles/slurm/local_cluster.sh: a single-node test cluster on localhost.
@@ -190,12 +197,17 @@ ReturnToService=2
 MinJobAge=600
 GresTypes=gpu
 $acct
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:fake:1 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:fake:$gpus State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
-    cat >"$STATE/etc/gres.conf" <<EOF
-NodeName=localhost Name=gpu Type=fake File=/dev/null
-EOF
+    # Fake GPUs: Slurm counts a GPU per device file; one is /dev/null, more are empty files.
+    local files=/dev/null i
+    if ((gpus > 1)); then
+        mkdir -p "$STATE/dev"
+        for ((i = 0; i < gpus; i++)); do : >"$STATE/dev/fakegpu$i"; done
+        files="$STATE/dev/fakegpu[0-$((gpus - 1))]"
+    fi
+    echo "NodeName=localhost Name=gpu Type=fake File=$files" >"$STATE/etc/gres.conf"
     if [[ $ACCOUNTING == 1 ]]; then
         cat >"$STATE/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
@@ -354,7 +366,7 @@ start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
 *)
-    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
     [[ ${1:-} == -h || ${1:-} == --help ]] || exit 2
     ;;
 esac
