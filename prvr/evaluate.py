@@ -55,8 +55,7 @@ def encode_split(
         length = int(data.videos.lengths.max())
         vmask = torch.zeros((data.n_videos, length), dtype=torch.bool, device=device)
         v_out: dict[str, torch.Tensor] = {}
-        for idx, frames, mask in data.video_batches(video_batch):
-            frames, mask = frames.to(device), mask.to(device)
+        for idx, frames, mask in data.video_batches(video_batch, device=device):
             enc = model.encode_video(frames, mask)
             sl = slice(int(idx[0]), int(idx[-1]) + 1)
             w = frames.shape[1]
@@ -66,8 +65,8 @@ def encode_split(
                     v_out[b] = torch.zeros((data.n_videos, length, f.shape[-1]), dtype=torch.float32, device=device)
                 v_out[b][sl, :w] = F.normalize(f.float(), dim=-1) * mask[..., None]
         q_out: dict[str, list[torch.Tensor]] = {}
-        for _, tokens, mask in data.query_batches(query_batch):
-            enc = model.encode_query(tokens.to(device), mask.to(device))
+        for _, tokens, mask in data.query_batches(query_batch, device=device):
+            enc = model.encode_query(tokens, mask)
             for b, q in enc.items():
                 q_out.setdefault(b, []).append(F.normalize(q.float(), dim=-1))
         return {b: torch.cat(x) for b, x in q_out.items()}, v_out, vmask

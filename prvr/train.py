@@ -264,6 +264,16 @@ class Trainer:
         self.finished = False
         self.stopped_early = False
         self.fingerprint = _fingerprint(self.train_data, self.val_data)
+        self.data_on_device = False
+        if str(self.device).startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            need = self.train_data.nbytes + self.val_data.nbytes
+            if need < 0.5 * free:
+                self.train_data.to(self.device)
+                self.val_data.to(self.device)
+                self.data_on_device = True
+            log.info("features: %.2f GB in memory, %s", need / 1e9,
+                     "moved to the GPU" if self.data_on_device else "kept on the host (batches prefetched)")  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict:
@@ -356,9 +366,9 @@ class Trainer:
         from prvr.losses import dldkdpp_loss
 
         self.model.train()
-        batches = self.train_data.train_batches(cfg.batch_size, cfg.seed, self.epoch)
-        if str(dev).startswith("cuda"):
-            batches = _prefetch((b.to(dev, non_blocking=False) for b in batches), depth=2)
+        batches = self.train_data.train_batches(cfg.batch_size, cfg.seed, self.epoch, device=dev)
+        if str(dev).startswith("cuda") and not self.data_on_device:
+            batches = _prefetch(batches, depth=2)  # host gathers the next batches while the GPU works
         bar = None
         if cfg.progress:
             from tqdm import tqdm

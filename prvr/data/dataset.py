@@ -225,22 +225,40 @@ class Ragged:
         index = np.where(mask, self.offsets[items][:, None] + pos[None, :], self.pad_row)
         return index, mask
 
-    def take_rows(self, index: np.ndarray) -> torch.Tensor:
-        """Rows at ``index`` (any shape), as a float32 CPU tensor of shape index.shape + (D,)."""
+    def take_rows(self, index: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
+        """Rows at ``index`` (any shape) as a float32 tensor of shape index.shape + (D,).
+
+        Rows are gathered where ``values`` live, moved to ``device`` (default: there) in the
+        storage dtype, then converted and normalised on ``device``.
+        """
         flat = np.ascontiguousarray(index.reshape(-1))
         if isinstance(self.values, torch.Tensor):
-            out = self.values.index_select(0, torch.from_numpy(flat))
+            out = self.values.index_select(0, torch.from_numpy(flat).to(self.values.device))
         else:
             out = torch.from_numpy(np.asarray(self.values[flat]))
+        if device is not None and out.device != torch.device(device):
+            out = out.pin_memory().to(device, non_blocking=True) if out.device.type == "cpu" and _cuda(device) else out.to(device)
         out = out.float()
         if self.normalize:
             out = out / (torch.linalg.vector_norm(out, dim=-1, keepdim=True) + L2_EPS)
         return out.reshape(*index.shape, *self.values.shape[1:])
 
-    def padded(self, items: np.ndarray, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-padded rows (n, L, D) and mask (n, L) (float32 1/0) of ``items``."""
+    def padded(self, items: np.ndarray, pad_to: int | None = None,
+               device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Zero-padded rows (n, L, D) and mask (n, L) (float32 1/0) of ``items``, on ``device``."""
         index, mask = self.padded_index(items, pad_to)
-        return self.take_rows(index), torch.from_numpy(mask.astype(np.float32))
+        rows = self.take_rows(index, device)
+        return rows, torch.from_numpy(mask.astype(np.float32)).to(rows.device)
+
+    def to(self, device: str | torch.device) -> Ragged:
+        """Move in-memory values to ``device`` (memory-mapped values stay on the host)."""
+        if isinstance(self.values, torch.Tensor):
+            self.values = self.values.to(device)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() if isinstance(self.values, torch.Tensor) else 0
 
 
 class _Allocator:
@@ -299,6 +317,10 @@ def _iter_store_items(store: FeatureStore, rows_idx: Sequence[int], block_rows: 
             i = rows_idx[pos]
             yield pos, block[int(off[i]) - lo : int(off[i + 1]) - lo]
         k = j + 1
+
+
+def _cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
 
 
 def _memory_dtype(store: FeatureStore, storage: str) -> np.dtype:
@@ -374,13 +396,27 @@ class TeacherTargets:
             path=path,
         )
 
-    def raw_block(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        """``raw_max[rows][:, cols]`` as a float32 tensor (len(rows), len(cols))."""
+    def raw_block(self, rows: np.ndarray, cols: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
+        """``raw_max[rows][:, cols]`` as a float32 tensor (len(rows), len(cols)) on ``device``."""
         if isinstance(self.raw_max, torch.Tensor):
-            r = torch.from_numpy(np.ascontiguousarray(rows))
-            c = torch.from_numpy(np.ascontiguousarray(cols))
-            return self.raw_max.index_select(0, r).index_select(1, c)
-        return torch.from_numpy(np.asarray(self.raw_max[np.asarray(rows)][:, np.asarray(cols)], dtype=np.float32))
+            dev = self.raw_max.device
+            r = torch.from_numpy(np.ascontiguousarray(rows)).to(dev)
+            c = torch.from_numpy(np.ascontiguousarray(cols)).to(dev)
+            out = self.raw_max.index_select(0, r).index_select(1, c)
+        else:
+            out = torch.from_numpy(np.asarray(self.raw_max[np.asarray(rows)][:, np.asarray(cols)], dtype=np.float32))
+        return out if device is None else out.to(device)
+
+    def to(self, device: str | torch.device) -> TeacherTargets:
+        if isinstance(self.raw_max, torch.Tensor):
+            self.raw_max = self.raw_max.to(device)
+        self.pos_cos.to(device)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        raw = self.raw_max.numel() * 4 if isinstance(self.raw_max, torch.Tensor) else 0
+        return raw + self.pos_cos.nbytes
 
 
 # --------------------------------------------------------------------------------------
@@ -635,8 +671,8 @@ class PRVRData:
         return self.texts.dim
 
     # ---------------------------------------------------------------- batches
-    def collate(self, video_idx: np.ndarray) -> Batch:
-        """Build the training batch of the videos ``video_idx`` (§2.6).
+    def collate(self, video_idx: np.ndarray, device: str | torch.device | None = None) -> Batch:
+        """Build the training batch of the videos ``video_idx`` (§2.6), on ``device`` (default: the data's).
 
         Videos are stably sorted by caption count (descending); their queries are concatenated
         video by video in caption-file order; ``labels[j]`` is the batch position of query j's video.
@@ -648,13 +684,13 @@ class PRVRData:
         total = int(counts.sum())
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         qidx = self.vq_index[np.repeat(starts, counts) + within]
-        labels = torch.from_numpy(np.repeat(np.arange(len(vb), dtype=np.int64), counts))
-        video, vmask = self.videos.padded(vb)
-        query, qmask = self.texts.padded(qidx)
+        video, vmask = self.videos.padded(vb, device=device)
+        query, qmask = self.texts.padded(qidx, device=video.device)
+        labels = torch.from_numpy(np.repeat(np.arange(len(vb), dtype=np.int64), counts)).to(video.device)
         t_raw = t_pos = None
         if self.teacher is not None:
-            t_raw = self.teacher.raw_block(self.teacher_q[qidx], self.teacher_v[vb])
-            pos, _ = self.teacher.pos_cos.padded(self.teacher_q[qidx], pad_to=video.shape[1])
+            t_raw = self.teacher.raw_block(self.teacher_q[qidx], self.teacher_v[vb], device=video.device)
+            pos, _ = self.teacher.pos_cos.padded(self.teacher_q[qidx], pad_to=video.shape[1], device=video.device)
             t_pos = pos[..., 0]
         return Batch(video, vmask, query, qmask, labels, t_raw, t_pos, vb, qidx)
 
@@ -667,22 +703,36 @@ class PRVRData:
         gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         return torch.randperm(self.n_videos, generator=gen).numpy()
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, start: int = 0) -> Iterator[Batch]:
+    def train_batches(self, batch_size: int, seed: int, epoch: int, start: int = 0,
+                      device: str | torch.device | None = None) -> Iterator[Batch]:  # fmt: skip
         """Yield the epoch's batches (shuffled videos, ``batch_size`` per batch, last one smaller), from batch ``start``."""
         order = self.epoch_order(seed, epoch)
         for b in range(start, self.n_batches(batch_size)):
-            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
+            yield self.collate(order[b * batch_size : (b + 1) * batch_size], device=device)
 
-    def video_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    def video_batches(self, batch_size: int, device=None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """Gallery order: yield (indices, rows (b, L, Dv), mask (b, L))."""
         for a in range(0, self.n_videos, batch_size):
             idx = np.arange(a, min(a + batch_size, self.n_videos))
-            v, m = self.videos.padded(idx)
+            v, m = self.videos.padded(idx, device=device)
             yield idx, v, m
 
-    def query_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    def query_batches(self, batch_size: int, device=None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """Caption order: yield (indices, tokens (b, Lq, Dq), mask (b, Lq))."""
         for a in range(0, self.n_queries, batch_size):
             idx = np.arange(a, min(a + batch_size, self.n_queries))
-            q, m = self.texts.padded(idx)
+            q, m = self.texts.padded(idx, device=device)
             yield idx, q, m
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the in-memory (not memory-mapped) arrays."""
+        return self.videos.nbytes + self.texts.nbytes + (self.teacher.nbytes if self.teacher is not None else 0)
+
+    def to(self, device: str | torch.device) -> PRVRData:
+        """Move the in-memory arrays to ``device`` (batches are then gathered there)."""
+        self.videos.to(device)
+        self.texts.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        return self
