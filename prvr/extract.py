@@ -53,6 +53,7 @@ from prvr.video.timeline import step_times
 log = logging.getLogger(__name__)
 
 KINDS = ("clip_frames", "student_video")
+DEFAULT_WORKER_NICE = 0  # extract.worker_nice: niceness of the decode workers
 WORK_VERSION = 1
 TIMELINE = "rows at step centres (k+0.5)/fps s while < duration; > max_steps: max_steps centres spread uniformly"
 # attributes that must agree between shards of one store
@@ -291,7 +292,8 @@ def extract(
         first = ("pyav",) if r.get("backend") == "pyav" else ("decord", "pyav")
         tasks.append(Task(i, decode_steps, (DecodeTask(backends=first, **args),),
                           fallback_args=(DecodeTask(backends=("pyav",), **args),)))
-    pool = WorkerPool(workers, timeout_s, log_path=log_path).start() if tasks else WorkerPool(0)
+    nice = int(ex.get("worker_nice", DEFAULT_WORKER_NICE))
+    pool = WorkerPool(workers, timeout_s, log_path=log_path, nice=nice).start() if tasks else WorkerPool(0)
     setup_s = time.perf_counter() - t_start
 
     queues = [collections.deque() for _ in encoders]  # (video index, step, input)

@@ -577,9 +577,14 @@ def _describe(exc: BaseException) -> str:
     return short_error(exc)
 
 
-def _worker_main(rfd: int, wfd: int) -> None:
+def _worker_main(rfd: int, wfd: int, nice: int = 0) -> None:
     """Loop of a worker process: run tasks and generator steps on request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it closes our pipe
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     conn_in, conn_out = Connection(rfd, writable=False), Connection(wfd, readable=False)
     try:
         import av
@@ -668,7 +673,8 @@ class WorkerPool:
 
     ``n_workers=0`` runs tasks in the calling thread (no isolation, no timeout: debugging).
     ``log_path``: append the workers' stderr (FFmpeg's complaints about damaged files) to this
-    file instead of the parent's stderr.
+    file instead of the parent's stderr. ``nice``: niceness increment of the workers (a positive
+    value lets the model's threads keep the CPU while decoding fills the gaps).
     """
 
     def __init__(
@@ -677,8 +683,10 @@ class WorkerPool:
         timeout_s: float = 120.0,
         max_buffered: int | None = None,
         log_path: str | os.PathLike | None = None,
+        nice: int = 0,
     ):
         self.log_path = log_path
+        self.nice = int(nice)
         self.n = int(n_workers)
         self.timeout_s = float(timeout_s)
         self.max_buffered = int(max_buffered or 2 * max(1, self.n) + 1)
@@ -693,7 +701,8 @@ class WorkerPool:
         pkg_root = str(Path(__file__).resolve().parents[2])
         code = (
             "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-            "from prvr.video.decode import _worker_main; _worker_main(int(sys.argv[2]), int(sys.argv[3]))"
+            "from prvr.video.decode import _worker_main; "
+            "_worker_main(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
         )
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -703,7 +712,7 @@ class WorkerPool:
             err = open(self.log_path, "ab")
         try:
             slot.proc = subprocess.Popen(
-                [sys.executable, "-c", code, json.dumps([pkg_root, *paths]), str(p2c_r), str(c2p_w)],
+                [sys.executable, "-c", code, json.dumps([pkg_root, *paths]), str(p2c_r), str(c2p_w), str(self.nice)],
                 pass_fds=(p2c_r, c2p_w),
                 stdin=subprocess.DEVNULL,
                 stderr=err,
