@@ -51,7 +51,7 @@ rule import_release:
         dataset=_alt(IMPORT_WITH_TEACHER),
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: 1  # 2+: BigFile and HDF5 files concurrently (no gain measured on 2 loaded cores)
     resources:
         mem_mb=3000,
     params:
@@ -82,7 +82,7 @@ rule import_release_students:
         dataset=_alt(TEACHER_FROM_VIDEOS),
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: 1  # 2+: BigFile and HDF5 files concurrently (no gain measured on 2 loaded cores)
     resources:
         mem_mb=3000,
     params:
