@@ -242,8 +242,10 @@ def extract(
     channel_order = (cfg.get("clip") or {}).get("channel_order", "rgb") if kind == "clip_frames" else [
         e.spec.channel_order for e in encoders if e.kind == "clip"
     ] or None
+    # per-video results are reused only under the same configuration and device (values match)
     fingerprint = {"work_version": WORK_VERSION, "kind": kind, "extractors": identities, "fps": fps,
-                   "max_steps": max_steps, "max_pixels": max_pixels}
+                   "max_steps": max_steps, "max_pixels": max_pixels, "device": dev,
+                   "threads": torch.get_num_threads() if dev == "cpu" else None}
 
     work = Path(work_dir) if work_dir else Path(f"{out_store}.work")
     done_dir, failed_dir = work / "done", work / "failed"
@@ -392,6 +394,7 @@ def extract(
         "channel_order": channel_order,
         "versions": library_versions(),
         "dtype": dtype,
+        "device": dev,
         "shard": list(shard) if shard is not None else None,
         "manifest": str(manifest),
     }
@@ -477,6 +480,7 @@ def gather(shard_stores: list[str | os.PathLike], out_store: str | os.PathLike, 
     attrs.update(
         shard=None,
         shards=len(stores),
+        device=_one_or_list(sorted({str(s.attrs.get("device")) for s in stores})),
         failed=failed,
         decode_backends={k: v for s in stores for k, v in s.attrs.get("decode_backends", {}).items()},
         decode_notes={k: v for s in stores for k, v in s.attrs.get("decode_notes", {}).items()},
@@ -494,3 +498,7 @@ def gather(shard_stores: list[str | os.PathLike], out_store: str | os.PathLike, 
     except StoreError as exc:
         raise ExtractError(f"gather: {exc}") from exc
     write_failed_tsv(failed_tsv_path(out_store), failed)
+
+
+def _one_or_list(values: list):
+    return values[0] if len(values) == 1 else values

@@ -270,7 +270,7 @@ def test_sharded_killed_and_resumed_run_is_identical(setup, full_stores, tmp_pat
     np.testing.assert_array_equal(got.timestamps(), ref.timestamps())
     for k in ("kind", "dims", "extractors", "fps", "max_steps", "failed", "decode_backends"):
         assert got.attrs[k] == ref.attrs[k], k
-    assert got.attrs["shards"] == 2
+    assert got.attrs["shards"] == 2 and got.attrs["device"] == ref.attrs["device"] == "cpu"
     # shards of different extractions do not mix
     with pytest.raises(ExtractError, match="differs"):
         gather([s0, full_stores["clip_frames"][0]], tmp_path / "bad.zarr")
