@@ -1,4 +1,5 @@
 # Shared Python of the workflow: validation, wildcard constraints, input functions.
+import os
 import sys
 from pathlib import Path
 

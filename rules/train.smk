@@ -23,7 +23,7 @@ rule train:
     params:
         train=lambda w: train_config(w.dataset, w.run),
         device=block("device"),
-        out_dir="results/{dataset}/train/{run}",
+        out_dir=lambda w, output: os.path.dirname(output.best),
     threads: 2
     resources:
         mem_mb=8000,
@@ -53,7 +53,7 @@ rule evaluate:
     benchmark:
         "benchmarks/{dataset}/evaluate_{run}.tsv"
     params:
-        train_dir="results/{dataset}/train/{run}",
+        train_dir=lambda w, input: os.path.dirname(input.best),
         expected=lambda w: config["datasets"][w.dataset].get("expected"),
         device=block("device"),
     threads: 2
