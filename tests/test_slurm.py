@@ -170,7 +170,7 @@ class Bounded:
     @staticmethod
     def wait_all(runs: list[Bounded], deadline: float) -> list[int]:
         """Exit statuses; ends every run and raises if one runs past `deadline` (monotonic)."""
-        while any(r.poll() is None for r in runs):
+        while None in [r.poll() for r in runs]:  # poll each (records its end time)
             if time.monotonic() > deadline:
                 late = [r for r in runs if r.poll() is None]
                 for r in runs:
