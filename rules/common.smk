@@ -32,6 +32,12 @@ def is_imported(dataset):
 
 
 VIDEO_DATASETS = [d for d in DATASETS if has_videos(d) and not is_imported(d)]
+# Imported releases without CLIP teacher files: the teacher comes from prvr's own clip_frames /
+# clip_text stages on the dataset's `videos:` (source.teacher: videos).
+TEACHER_FROM_VIDEOS = [
+    d for d in DATASETS if is_imported(d) and config["datasets"][d]["source"].get("teacher") == "videos"
+]
+TEACHER_VIDEO_DATASETS = VIDEO_DATASETS + TEACHER_FROM_VIDEOS
 DEMO_DATASETS = [d for d in DATASETS if is_demo(d)]
 
 

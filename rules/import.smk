@@ -5,13 +5,8 @@
 from prvr.data.msrl import export_names, release_input_files, val_is_test_message
 
 IMPORTED_DATASETS = [d for d in DATASETS if is_imported(d)]
-# source.teacher: videos -> the CLIP teacher comes from prvr's own clip_frames / clip_text
-# stages on the dataset's `videos:` (those rules must accept these datasets).
-TEACHER_FROM_VIDEOS = [
-    d
-    for d in IMPORTED_DATASETS
-    if config["datasets"][d]["source"]["teacher"] == "videos"
-]
+# TEACHER_FROM_VIDEOS (rules/common.smk): source.teacher is videos -> the CLIP teacher comes
+# from prvr's own probe_videos / clip_frames / clip_text stages on the dataset's `videos:`.
 IMPORT_WITH_TEACHER = [d for d in IMPORTED_DATASETS if d not in TEACHER_FROM_VIDEOS]
 for _d in TEACHER_FROM_VIDEOS:
     if "videos" not in config["datasets"][_d]:

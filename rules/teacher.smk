@@ -18,6 +18,7 @@ rule teacher_similarity:
     params:
         max_ctx_l=lambda w: dcfg(w.dataset)["train"].get("max_ctx_l", 128),
         device=block("device"),
+        skip_missing=lambda w: is_imported(w.dataset),
     threads: 2
     conda:
         "../envs/torch.yaml"

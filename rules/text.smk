@@ -17,7 +17,7 @@ rule clip_text:
         dtype=lambda w: dcfg(w.dataset)["extract"]["dtype"],
     threads: 2
     wildcard_constraints:
-        dataset=_alt(VIDEO_DATASETS),
+        dataset=_alt(TEACHER_VIDEO_DATASETS),
     conda:
         "../envs/torch.yaml"
     script:

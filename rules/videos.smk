@@ -30,7 +30,7 @@ checkpoint probe_videos:
         strict=lambda w: config["datasets"][w.dataset].get("strict", False),
     threads: 2
     wildcard_constraints:
-        dataset=_alt(VIDEO_DATASETS),
+        dataset=_alt(TEACHER_VIDEO_DATASETS),
     conda:
         "../envs/video.yaml"
     script:
@@ -55,7 +55,7 @@ rule extract_shard:
         mem_mb=4000,
     wildcard_constraints:
         kind="clip_frames|student_video",
-        dataset=_alt(VIDEO_DATASETS),
+        dataset=_alt(TEACHER_VIDEO_DATASETS),
     conda:
         "../envs/video.yaml"
     script:
@@ -73,7 +73,7 @@ rule clip_frames:
     benchmark:
         "benchmarks/{dataset}/clip_frames.tsv"
     wildcard_constraints:
-        dataset=_alt(VIDEO_DATASETS),
+        dataset=_alt(TEACHER_VIDEO_DATASETS),
     conda:
         "../envs/video.yaml"
     script:
