@@ -32,6 +32,12 @@ import zarr
 
 FORMAT_VERSION = 1
 ROW_CHUNK = 8192
+CHUNK_BYTES = 4 << 20
+
+
+def default_chunk_rows(dim: int, itemsize: int) -> int:
+    """Rows per chunk for about CHUNK_BYTES per chunk (256..ROW_CHUNK rows)."""
+    return int(max(256, min(ROW_CHUNK, CHUNK_BYTES // max(1, dim * itemsize))))
 
 
 class StoreError(ValueError):
@@ -71,7 +77,8 @@ class StoreWriter:
         dtype: on-disk dtype (``float16`` halves the size; ``float32`` is exact).
         attrs: metadata recorded with the store (model name, weights identity, rate...).
         timestamps: whether every row carries a timestamp (seconds).
-        chunk_rows: rows per chunk.
+        chunk_rows: rows per chunk (default: about CHUNK_BYTES per chunk, within 256..ROW_CHUNK rows;
+            a read of one item reads its whole chunk).
     """
 
     def __init__(
@@ -81,14 +88,14 @@ class StoreWriter:
         dtype: str = "float32",
         attrs: dict | None = None,
         timestamps: bool = False,
-        chunk_rows: int = ROW_CHUNK,
+        chunk_rows: int | None = None,
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         self.dim = int(dim)
-        self.chunk_rows = int(chunk_rows)
         self.dtype = np.dtype(dtype)
+        self.chunk_rows = int(chunk_rows or default_chunk_rows(self.dim, self.dtype.itemsize))
         self.attrs = dict(attrs or {})
         self.group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         self.rows = self.group.create_array(
@@ -160,6 +167,7 @@ class StoreWriter:
                 "dim": self.dim,
                 "n_items": len(self.ids),
                 "n_rows": int(self.offsets[-1]),
+                "store_uid": uuid.uuid4().hex,  # new on every write: consumers key caches/resumes on it
                 "complete": True,
             }
         )
@@ -239,6 +247,11 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def uid(self) -> str:
+        """Identity of this write of the store (changes whenever the store is rewritten)."""
+        return str(self.attrs.get("store_uid", ""))
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._index

@@ -60,3 +60,12 @@ def test_rewrite_replaces(tmp_path):
     write_store(tmp_path / "h.zarr", [("a", np.ones((1, 3)))], dim=3)
     write_store(tmp_path / "h.zarr", [("b", np.zeros((2, 3)))], dim=3)
     assert FeatureStore.open(tmp_path / "h.zarr").ids == ["b"]
+
+
+def test_uid_changes_on_rewrite_and_chunks_scale_with_dim(tmp_path):
+    write_store(tmp_path / "u.zarr", [("a", np.ones((1, 3)))], dim=3)
+    first = FeatureStore.open(tmp_path / "u.zarr").uid
+    write_store(tmp_path / "u.zarr", [("a", np.ones((1, 3)))], dim=3)
+    assert first and FeatureStore.open(tmp_path / "u.zarr").uid != first
+    assert StoreWriter(tmp_path / "w1.zarr", 3072).chunk_rows == 341
+    assert StoreWriter(tmp_path / "w2.zarr", 64, dtype="float16").chunk_rows == 8192
