@@ -237,6 +237,9 @@ def teacher_similarity(
                 "alignment": "teacher rows resampled (uniform_feature_sampling) to min(n_s, n_t, max_ctx_l)",
                 "clip": _clip_attrs(frames_s),
                 "versions": library_versions(),
+                "store_uid": uuid.uuid4().hex,  # new on every write (the trainer's resume key)
+                "sources": {"clip_frames": frames_s.attrs.get("store_uid"), "clip_text": text_s.attrs.get("store_uid"),
+                            "student_video": stud_s.attrs.get("store_uid")},
                 "complete": True,
             }
         )

@@ -103,6 +103,7 @@ def _fingerprint(*datas: PRVRData) -> str:
         h.update("\n".join(d.query_ids).encode())
         h.update(np.asarray([d.video_dim, d.query_dim], dtype=np.int64).tobytes())
         h.update(d.videos.lengths.tobytes())
+        h.update(json.dumps(d.sources, sort_keys=True).encode())  # re-extracted features: no resume
     return h.hexdigest()[:16]
 
 

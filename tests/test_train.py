@@ -172,3 +172,21 @@ def test_missing_videos_fail_or_are_skipped(tiny_set, tmp_path):
         train(paths, _cfg(n_epoch=1), tmp_path / "run")
     s = train(paths, _cfg(n_epoch=1), tmp_path / "run", skip_missing=True)
     assert s["n_train_videos"] == 40
+
+
+def test_rewritten_features_do_not_resume(tiny_set, tmp_path):
+    import shutil
+
+    p, teacher = tiny_set
+    copy = make_synthetic(tmp_path / "data", n_videos={"train": 40, "val": 10, "test": 10}, rows=(3, 10), tokens=(1, 6),
+                          dv=12, dq=8, dt=8, latent=6, teacher_rows="mixed", seed=1)  # fmt: skip
+    teacher_similarity(copy.teacher_video, copy.teacher_text, copy.student_video, copy.captions["train"], tmp_path / "t")
+    train(copy.as_train_paths(tmp_path / "t"), _cfg(n_epoch=3), tmp_path / "run", stop_after_epochs=1)
+    # the same data written again (new store uid): the run must start over, not resume
+    shutil.rmtree(tmp_path / "data")
+    copy = make_synthetic(tmp_path / "data", n_videos={"train": 40, "val": 10, "test": 10}, rows=(3, 10), tokens=(1, 6),
+                          dv=12, dq=8, dt=8, latent=6, teacher_rows="mixed", seed=1)  # fmt: skip
+    teacher_similarity(copy.teacher_video, copy.teacher_text, copy.student_video, copy.captions["train"], tmp_path / "t")
+    logged = []
+    train(copy.as_train_paths(tmp_path / "t"), _cfg(n_epoch=3), tmp_path / "run", on_epoch_end=lambda e, r: logged.append(e))
+    assert logged == [0, 1, 2]

@@ -359,6 +359,7 @@ class TeacherTargets:
     aligned_len: np.ndarray
     max_ctx_l: int
     path: Path | None = None
+    uid: str | None = None
 
     @classmethod
     def load(cls, teacher_dir: str | os.PathLike, allocator: _Allocator | None = None) -> TeacherTargets:
@@ -394,6 +395,7 @@ class TeacherTargets:
             aligned_len=np.asarray(group["aligned_len"][:], dtype=np.int64),
             max_ctx_l=int(attrs["max_ctx_l"]),
             path=path,
+            uid=attrs.get("store_uid"),
         )
 
     def raw_block(self, rows: np.ndarray, cols: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
@@ -485,6 +487,7 @@ class PRVRData:
         self.teacher_q = teacher_q
         self.teacher_v = teacher_v
         self._allocator = allocator
+        self.sources: dict[str, str | None] = {}  # write uids of the stores read (cache/resume keys)
         order = np.argsort(self.query_video, kind="stable")
         counts = np.bincount(self.query_video, minlength=len(self.video_ids))
         self.n_captions = counts.astype(np.int64)
@@ -633,7 +636,13 @@ class PRVRData:
             else:
                 dst[:] = x
         texts = Ragged(alloc.finish(tvals), q_off, normalize=True)
-        return cls(video_ids, query_ids, query_video, videos, texts, targets, teacher_q, teacher_v, alloc)
+        data = cls(video_ids, query_ids, query_video, videos, texts, targets, teacher_q, teacher_v, alloc)
+        data.sources = {
+            "student_video": vstore.attrs.get("store_uid"),
+            "student_text": tstore.attrs.get("store_uid"),
+            "teacher": None if targets is None else targets.uid,
+        }
+        return data
 
     def close(self) -> None:
         """Delete memory-mapped cache files this object created."""
