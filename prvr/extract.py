@@ -28,6 +28,12 @@ sharded run gives the same values as an uninterrupted one.
 Throughput. Decoding and preprocessing run in ``extract.workers`` processes ahead of the model
 (:class:`prvr.video.decode.WorkerPool`), batches span videos, the device is CUDA (fp16 autocast)
 when available and ``device`` is ``auto``.
+
+``cfg["extract"]`` keys used here: ``workers`` (decode processes; 0 = in this process, no
+timeout), ``timeout_s`` (limit of every decode request: opening a video plus its first chunk,
+then each further chunk of steps; a hung decoder is killed and the video recorded as failed),
+``dtype`` (store dtype), and optionally ``max_pixels`` (frames above are decoded scaled down,
+default 3840 x 2160) and ``worker_nice`` (niceness of the decode workers, default 0).
 """
 
 from __future__ import annotations
