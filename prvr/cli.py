@@ -38,6 +38,11 @@ def _metrics(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["release"]:  # check / import / export of the MS-SL release layout
+        from prvr.data.msrl import main as release_main
+
+        return release_main(argv[1:])
     parser = argparse.ArgumentParser(prog="prvr", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("show", help="print a markdown table or report")
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="validate a config file against the schema")
     p.add_argument("config")
     p.set_defaults(func=_validate)
+    sub.add_parser("release", help="MS-SL/DL-DKD feature releases: check, import, export (prvr release -h)")
     p = sub.add_parser("metrics", help="table of one or more test_metrics.json files")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_metrics)
