@@ -482,7 +482,8 @@ def gather(shard_stores: list[str | os.PathLike], out_store: str | os.PathLike, 
             raise ExtractError(f"gather: shards hold videos that {manifest} does not list as ok: {sorted(extra)[:3]}")
     else:
         order = [vid for s in stores for vid in s.ids]
-    attrs = {k: v for k, v in ref.items() if k not in ("prvr_store", "ids", "dim", "n_items", "n_rows", "complete")}
+    attrs = {k: v for k, v in ref.items()
+             if k not in ("prvr_store", "ids", "dim", "n_items", "n_rows", "complete", "store_uid")}
     attrs.update(
         shard=None,
         shards=len(stores),
