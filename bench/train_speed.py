@@ -138,7 +138,11 @@ def phase_ours(args, k: int, count_flops: bool) -> dict:
 
     from prvr.train import Trainer, TrainPaths
 
+    from prvr.train import _mmap_large_allocations
+
     torch.set_num_threads(args.threads)
+    if _device(args) == "cpu":
+        _mmap_large_allocations()  # as prvr.train.train does on CPU
     out = Path(tempfile.mkdtemp(prefix="prvr-bench-"))
     t0 = time.time()
     tr = Trainer(TrainPaths.of(_paths(args, k)), _cfg(args, args.epochs), out)

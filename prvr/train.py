@@ -171,6 +171,25 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
     t.join()
 
 
+def _mmap_large_allocations(threshold: int = 1 << 20) -> bool:
+    """glibc: serve allocations >= ``threshold`` bytes with mmap, returned to the OS on free.
+
+    CPU training allocates and frees many 100-MB activation tensors per step; glibc's default
+    (a dynamic threshold that grows to 32 MB) keeps them in fragmented heaps and the resident
+    set grows by ~0.6 GB over a few TVR-sized steps. Measured: same speed, lower peak RSS.
+    Returns False where it does not apply (no glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def current_lr(opt: torch.optim.Optimizer) -> float:
     """Learning rate the optimiser applied at its last step (BertAdam's schedule included)."""
     for name in ("get_lr", "current_lr"):
@@ -503,6 +522,8 @@ def train(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     _atomic_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "paths": dataclasses.asdict(paths)}, indent=2) + "\n")
+    if resolve_device(cfg.device) == "cpu":
+        _mmap_large_allocations()
     trainer = Trainer(paths, cfg, out, skip_missing=skip_missing)
     try:
         if not (resume and trainer.try_resume()):
