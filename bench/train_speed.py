@@ -407,6 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="data folder (default: a temp folder, removed at the end)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="alternating repeats of the prvr/imitation pair (best taken)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.phase:
@@ -420,38 +421,45 @@ def main(argv=None) -> int:
     try:
         res = {"threads": args.threads, "device": args.device, "gen": _run_phase(args, "gen")}
         res["ours"] = _run_phase(args, "ours")
-        if not args.skip_baseline:
-            res["ours200"] = _run_phase(args, "ours200")
-            res["baseline"] = _run_phase(args, "baseline")
+        if not args.skip_baseline:  # alternate the pair: a shared machine's load then hits both alike
+            pairs = [(_run_phase(args, "ours200"), _run_phase(args, "baseline")) for _ in range(args.repeat)]
+            res["ours200"] = min((p[0] for p in pairs), key=lambda r: r["epoch_s_median"])
+            res["baseline"] = min((p[1] for p in pairs), key=lambda r: r["epoch_s_median"])
+            res["pairs"] = [[p[0]["epoch_s_median"], p[1]["epoch_s_median"]] for p in pairs]
     finally:
         if own:
             shutil.rmtree(args.data, ignore_errors=True)
     o = res["ours"]
-    gflops = statistics.median(o["gemm_gflops"])
+    gflops, gflops_best = statistics.median(o["gemm_gflops"]), max(o["gemm_gflops"])
     bound_s = o["epoch_flops"] / (gflops * 1e9)
+    bound_best = o["epoch_flops"] / (gflops_best * 1e9)
+    best_epoch = min(o["epoch_s"])
     lines = [
         f"## prvr training speed (TVR-shaped synthetic set, {o['videos']} videos / {o['queries']} queries, "
         f"{o['batches']} batches of 128 videos; device {res['device']}, {args.threads} threads)",
         "",
         "| measure | value |",
         "|---|---:|",
-        f"| seconds / training epoch (median of {len(o['epoch_s'])}) | {o['epoch_s_median']:.2f} |",
+        f"| seconds / training epoch (median of {len(o['epoch_s'])}; best) | {o['epoch_s_median']:.2f}; {best_epoch:.2f} |",
         f"| seconds / validation ({args.val_videos} videos) | {o['val_s_median']:.2f} |",
         f"| load once (features + teacher products) s | {o['load_s']:.2f} |",
         f"| peak RSS MB (after load) | {o['peak_rss_mb']:.0f} ({o['rss_after_load_mb']:.0f}) |",
         f"| epoch FLOPs fwd+bwd as executed (flop_counter) | {o['epoch_flops'] / 1e12:.3f} T |",
         f"| of which on real (unpadded) video rows, approx. | {o['video_row_fill'] * 100:.0f} % of video-side rows |",
-        f"| measured GEMM rate (median, measured between the epochs) | {gflops:.1f} GFLOP/s |",
-        f"| FLOP-bound epoch time | {bound_s:.2f} s |",
-        f"| fraction of FLOP-bound (bound / measured) | {bound_s / o['epoch_s_median']:.2f} |",
-        f"| measured / FLOP-bound | {o['epoch_s_median'] / bound_s:.2f}x |",
+        f"| GEMM rate measured between the epochs (median; best) | {gflops:.1f}; {gflops_best:.1f} GFLOP/s |",
+        f"| FLOP-bound epoch time (median rate; best rate) | {bound_s:.2f}; {bound_best:.2f} s |",
+        f"| fraction of FLOP-bound, medians (bound / measured) | {bound_s / o['epoch_s_median']:.2f} |",
+        f"| measured / FLOP-bound: medians; best epoch vs best rate | {o['epoch_s_median'] / bound_s:.2f}x; "
+        f"{best_epoch / bound_best:.2f}x |",
     ]
     if not args.skip_baseline:
         b, o2 = res["baseline"], res["ours200"]
         lines += [
             f"| REFERENCE-STYLE IMITATION, {b['videos']} videos: s / epoch | {b['epoch_s_median']:.2f} |",
             f"| prvr on the same {o2['videos']} videos: s / epoch | {o2['epoch_s_median']:.2f} |",
-            f"| speed-up vs the imitation | {b['epoch_s_median'] / o2['epoch_s_median']:.2f}x |",
+            f"| speed-up vs the imitation (best of {len(res['pairs'])} alternating pairs each) | "
+            f"{b['epoch_s_median'] / o2['epoch_s_median']:.2f}x |",
+            "| pairs (prvr s, imitation s) | " + ", ".join(f"({a:.1f}, {c:.1f})" for a, c in res["pairs"]) + " |",
             f"| imitation peak RSS MB | {b['peak_rss_mb']:.0f} |",
         ]
         lines += ["", "The baseline is an IMITATION of the reference's costs written in this bench (per-sample store",
