@@ -255,6 +255,7 @@ def test_sharded_killed_and_resumed_run_is_identical(setup, full_stores, tmp_pat
     done = list(Path(f"{s0}.work/done").glob("*.npz"))
     assert len(done) == 1
     before = done[0].stat().st_mtime_ns
+    assert torch.get_num_threads() == 2  # as in KILL_SCRIPT (conftest pins it): the resume key includes it
     stats0 = extract("student_video", setup["manifest"], cfg, s0, shard=(0, 2), progress=False, keep_work=True)
     assert stats0["resumed"] == 1 and stats0["videos"] == 2  # shard 0 = a, b, c
     assert done[0].stat().st_mtime_ns == before  # the finished video was not recomputed

@@ -270,10 +270,17 @@ def _compare_zarr(a: Path, b: Path, problems: list[str]) -> None:
         _walk_zarr(ga, gb, str(a), problems)
 
 
+VOLATILE_ATTRS = ("store_uid", "sources")  # per-write identities (new uuid on every write)
+
+
+def _stable_attrs(attrs) -> dict:
+    return {k: v for k, v in dict(attrs).items() if k not in VOLATILE_ATTRS}
+
+
 def _walk_zarr(ga, gb, where: str, problems: list[str]) -> None:
     import zarr
 
-    if dict(ga.attrs) != dict(gb.attrs):
+    if _stable_attrs(ga.attrs) != _stable_attrs(gb.attrs):
         problems.append(f"{where}: attributes differ")
     ka, kb = sorted(ga.keys()), sorted(gb.keys())
     if ka != kb:
