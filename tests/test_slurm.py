@@ -63,6 +63,7 @@ RUN_TIMEOUT = 480  # both runs, side by side
 STOP_TIMEOUT = 120
 # Output files whose content records wall-clock time; compared without those fields.
 TIMING_KEYS = {"seconds", "seconds_per_epoch", "elapsed", "time"}
+TIMING_KEYS |= {"fingerprint"}  # last.pt's resume key: a hash of the input stores' per-write uids
 
 
 def load_profile() -> dict:
