@@ -46,11 +46,11 @@ import os
 import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from prvr.atomic import write_bytes
 from prvr.store import FeatureStore, StoreError, StoreWriter, library_versions
 from prvr.video.decode import CHUNK_BYTES, DEFAULT_MAX_PIXELS, DecodeTask, Task, WorkerPool, decode_steps
 from prvr.video.probe import read_manifest
@@ -101,21 +101,12 @@ def _safe_name(video_id: str) -> str:
     return f"{stem}-{hashlib.sha1(video_id.encode()).hexdigest()[:10]}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_npz(path: Path, **arrays) -> None:
     import io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def write_failed_tsv(path: str | os.PathLike, failed: list[dict]) -> None:
@@ -123,7 +114,7 @@ def write_failed_tsv(path: str | os.PathLike, failed: list[dict]) -> None:
     lines = ["video_id\treason"] + [
         f"{f['video_id']}\t{str(f['reason']).replace(chr(9), ' ').replace(chr(10), ' ')}" for f in failed
     ]
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
 
 
 def failed_tsv_path(out_store: str | os.PathLike) -> Path:
@@ -334,7 +325,7 @@ def extract(
         v.rows = None
         rec = {"video_id": v.vid, "reason": str(reason)}
         failed.append(rec)
-        _atomic_write_bytes(failed_dir / f"{_safe_name(v.vid)}.json", json.dumps(rec).encode())
+        write_bytes(failed_dir / f"{_safe_name(v.vid)}.json", json.dumps(rec).encode())
         log.warning("extraction of %s failed: %s", v.vid, reason)
         bar.update(1)
 
@@ -436,7 +427,7 @@ def _prepare_work_dir(work: Path, fingerprint: dict) -> None:
     (work / "done").mkdir(parents=True, exist_ok=True)
     (work / "failed").mkdir(parents=True, exist_ok=True)
     if not meta.exists():
-        _atomic_write_bytes(meta, text.encode())
+        write_bytes(meta, text.encode())
 
 
 # ------------------------------------------------------------------------------- gather

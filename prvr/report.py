@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from prvr.atomic import write_text
+
 METRICS = ("R@1", "R@5", "R@10", "R@100", "SumR")
 
 
@@ -77,8 +79,5 @@ def write_report(
         lines += ["", "## Stage wall time (Snakemake benchmark files)", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {n} | {s:.1f} |" for n, s in times]
     text = "\n".join(lines) + "\n"
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out_path)
+    write_text(out_path, text)
     return text

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from prvr.atomic import replace_dir
+
 FORMAT_VERSION = 1
 ROW_CHUNK = 8192
 CHUNK_BYTES = 4 << 20
@@ -57,15 +59,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``, replacing an old ``final`` (old one removed only after)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+_replace_dir = replace_dir  # used by other modules that write zarr groups atomically
 
 
 class StoreWriter:

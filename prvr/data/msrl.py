@@ -50,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prvr.data.captions import Caption, CaptionError, read_captions, video_id_of, write_captions
+from prvr.atomic import replace_dir, write_json
+from prvr.data.captions import Caption, CaptionError, read_captions, write_captions
 from prvr.store import FeatureStore, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -928,16 +929,8 @@ def import_release(
     out["bytes_read"] = sum(v["bytes_read"] for v in info.values())
     log.info("imported %s: %.1f MB in %.1f s", lay.collection, out["bytes_read"] / 1e6, out["seconds"])
     if summary:
-        _write_json(summary, out)
+        write_json(summary, out)
     return out
-
-
-def _write_json(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def dataset_paths(dataset_dir: str | os.PathLike) -> dict:
@@ -1049,13 +1042,7 @@ def export_release(
         if clip_frames is not None:
             _write_h5(feat_dir / f"new_clip_vit_32_{collection}_vid_features.hdf5", _iter_items(FeatureStore.open(clip_frames, name="CLIP frames")))
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            old = out_root / f".{collection}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,7 +26,6 @@ the model's own PIL eval transform would (see :class:`PilRecipe`); only frames a
 from __future__ import annotations
 
 import collections
-import dataclasses
 import inspect
 import json
 import logging
@@ -40,7 +39,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
