@@ -51,7 +51,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-
     from synthetic import make_synthetic
 
     from prvr.config import TrainConfig
@@ -67,8 +66,8 @@ def main(argv=None) -> int:
     p = make_synthetic(work / "data", n_videos={"train": args.videos, "val": n_eval, "test": n_eval}, seed=args.data_seed)
     teacher_similarity(p.teacher_video, p.teacher_text, p.student_video, p.captions["train"], work / "teacher")
     teacher = teacher_metrics(p.teacher_video, p.teacher_text, p.captions["test"], work / "teacher.json")
-    base = dict(hidden=args.hidden, n_heads=4, drop=0.1, input_drop=0.1, batch_size=64, lr=1e-3,
-                n_epoch=args.epochs, progress=False, threads=args.threads)  # fmt: skip
+    base = {"hidden": args.hidden, "n_heads": 4, "drop": 0.1, "input_drop": 0.1, "batch_size": 64, "lr": 1e-3,
+            "n_epoch": args.epochs, "progress": False, "threads": args.threads}
     results: dict[str, list[dict]] = {}
     t0 = time.time()
     for name, over in VARIANTS.items():
@@ -93,9 +92,9 @@ def main(argv=None) -> int:
 
     n_test = len(read_captions(p.captions["test"]))
     lines = [
-        f"Synthetic planted set: {args.videos} train / {n_eval} val / {n_eval} test videos ({n_test} test queries), "
+        (f"Synthetic planted set: {args.videos} train / {n_eval} val / {n_eval} test videos ({n_test} test queries), "
         f"hidden {args.hidden}, {args.epochs} epochs, batch 64, lr 1e-3; mean of {args.seeds} training seeds "
-        f"(test metrics of the best-val checkpoint).",
+        f"(test metrics of the best-val checkpoint)."),
         "",
         "| variant | R@1 | R@5 | R@10 | R@100 | SumR | SumR sd |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-DIMS = dict(dv=3072, dq=768, dt=512)
+DIMS = {"dv": 3072, "dq": 768, "dt": 512}
 
 
 def _rss_mb() -> float:
@@ -136,9 +136,7 @@ def _paths(args, k: int) -> dict:
 def phase_ours(args, k: int, count_flops: bool) -> dict:
     import torch
 
-    from prvr.train import Trainer, TrainPaths
-
-    from prvr.train import _mmap_large_allocations
+    from prvr.train import Trainer, TrainPaths, _mmap_large_allocations
 
     torch.set_num_threads(args.threads)
     if _device(args) == "cpu":
@@ -384,7 +382,7 @@ def _run_phase(args, phase: str) -> dict:
            "--baseline-epochs", str(args.baseline_epochs), "--threads", str(args.threads), "--device", args.device,
            "--val-videos", str(args.val_videos), "--memory-budget-gb", str(args.memory_budget_gb)]  # fmt: skip
     t = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
         raise SystemExit(f"phase {phase} failed ({r.returncode})")
@@ -435,8 +433,8 @@ def main(argv=None) -> int:
     bound_best = o["epoch_flops"] / (gflops_best * 1e9)
     best_epoch = min(o["epoch_s"])
     lines = [
-        f"## prvr training speed (TVR-shaped synthetic set, {o['videos']} videos / {o['queries']} queries, "
-        f"{o['batches']} batches of 128 videos; device {res['device']}, {args.threads} threads)",
+        (f"## prvr training speed (TVR-shaped synthetic set, {o['videos']} videos / {o['queries']} queries, "
+        f"{o['batches']} batches of 128 videos; device {res['device']}, {args.threads} threads)"),
         "",
         "| measure | value |",
         "|---|---:|",
@@ -449,16 +447,16 @@ def main(argv=None) -> int:
         f"| GEMM rate measured between the epochs (median; best) | {gflops:.1f}; {gflops_best:.1f} GFLOP/s |",
         f"| FLOP-bound epoch time (median rate; best rate) | {bound_s:.2f}; {bound_best:.2f} s |",
         f"| fraction of FLOP-bound, medians (bound / measured) | {bound_s / o['epoch_s_median']:.2f} |",
-        f"| measured / FLOP-bound: medians; best epoch vs best rate | {o['epoch_s_median'] / bound_s:.2f}x; "
-        f"{best_epoch / bound_best:.2f}x |",
+        (f"| measured / FLOP-bound: medians; best epoch vs best rate | {o['epoch_s_median'] / bound_s:.2f}x; "
+        f"{best_epoch / bound_best:.2f}x |"),
     ]
     if not args.skip_baseline:
         b, o2 = res["baseline"], res["ours200"]
         lines += [
             f"| REFERENCE-STYLE IMITATION, {b['videos']} videos: s / epoch | {b['epoch_s_median']:.2f} |",
             f"| prvr on the same {o2['videos']} videos: s / epoch | {o2['epoch_s_median']:.2f} |",
-            f"| speed-up vs the imitation (best of {len(res['pairs'])} alternating pairs each) | "
-            f"{b['epoch_s_median'] / o2['epoch_s_median']:.2f}x |",
+            (f"| speed-up vs the imitation (best of {len(res['pairs'])} alternating pairs each) | "
+            f"{b['epoch_s_median'] / o2['epoch_s_median']:.2f}x |"),
             "| pairs (prvr s, imitation s) | " + ", ".join(f"({a:.1f}, {c:.1f})" for a, c in res["pairs"]) + " |",
             f"| imitation peak RSS MB | {b['peak_rss_mb']:.0f} |",
         ]

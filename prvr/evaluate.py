@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prvr.atomic import write_json, write_text
 from prvr.config import resolve_device
 from prvr.data.captions import Caption, read_captions
 from prvr.data.dataset import PRVRData
@@ -178,7 +178,8 @@ def _random_weight_stores(*paths) -> bool:
     for p in paths:
         try:
             attrs = FeatureStore.open(p).attrs
-        except Exception:  # noqa: BLE001 (only a report flag)
+        except Exception as exc:  # noqa: BLE001 (only a report flag)
+            log.debug("no random-weights flag from %s: %s", p, exc)
             continue
         flag |= bool(attrs.get("random_weights"))
     return flag
@@ -277,19 +278,11 @@ def evaluate(
     if _random_weight_stores(student_video, student_text):
         out["random_weights"] = True
     data.close()
-    _atomic_write(out_json, json.dumps(out, indent=2) + "\n")
+    write_json(out_json, out)
     if out_md is not None:
         teacher = json.loads(Path(teacher_json).read_text()) if teacher_json and Path(teacher_json).exists() else None
-        _atomic_write(out_md, markdown_table(out, expected, teacher))
+        write_text(out_md, markdown_table(out, expected, teacher))
     log.info("evaluate %s: SumR %.1f (%s) in %.1f s", train_dir, out["SumR"],
              ", ".join(f"{b} {m['SumR']:.1f}" for b, m in out["branches"].items()), time.time() - t0)  # fmt: skip
     return out
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

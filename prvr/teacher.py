@@ -25,7 +25,6 @@ with the teacher alone (cosine, max over all stored frames) as a baseline row.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -37,10 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prvr.atomic import replace_dir, write_json
 from prvr.config import resolve_device
 from prvr.data.captions import Caption, read_captions, video_order
-from prvr.data.dataset import DataError, _iter_store_items, _missing_message, aligned_length, uniform_feature_sampling
-from prvr.store import FeatureStore, _replace_dir, library_versions
+from prvr.data.dataset import (
+    DataError,
+    _iter_store_items,
+    _missing_message,
+    aligned_length,
+    uniform_feature_sampling,
+)
+from prvr.store import FeatureStore, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +249,7 @@ def teacher_similarity(
                 "complete": True,
             }
         )
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -309,13 +315,6 @@ def teacher_metrics(
     )
     if frames_s.attrs.get("random_weights") or text_s.attrs.get("random_weights"):
         metrics["random_weights"] = True
-    _write_json(out_json, metrics)
+    write_json(out_json, metrics)
     return metrics
 
-
-def _write_json(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -31,7 +31,6 @@ import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from queue import Queue
 import numpy as np
 import torch
 
+from prvr.atomic import temp_sibling, write_bytes, write_text
 from prvr.config import ConfigError, TrainConfig, resolve_device
 from prvr.data.captions import read_captions
 from prvr.data.dataset import PRVRData
@@ -105,19 +105,6 @@ def _fingerprint(*datas: PRVRData) -> str:
         h.update(d.videos.lengths.tobytes())
         h.update(json.dumps(d.sources, sort_keys=True).encode())  # re-extracted features: no resume
     return h.hexdigest()[:16]
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _atomic_bytes(path, text.encode("utf-8"))
 
 
 def _rng_state(loss_gen: torch.Generator) -> dict:
@@ -317,7 +304,7 @@ class Trainer:
     def save_last(self) -> None:
         buf = io.BytesIO()
         torch.save(self._checkpoint(), buf)
-        _atomic_bytes(self.out / "last.pt", buf.getvalue())
+        write_bytes(self.out / "last.pt", buf.getvalue())
 
     def try_resume(self) -> bool:
         """Load ``last.pt`` when it exists and belongs to this config and data; True if resumed."""
@@ -356,7 +343,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = self.out / f".best.safetensors.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temp_sibling(self.out / "best.safetensors")
         save_file(state, str(tmp), metadata={"epoch": str(self.epoch), "val_SumR": repr(val["SumR"])})
         os.replace(tmp, self.out / "best.safetensors")
         meta = {
@@ -370,7 +357,7 @@ class Trainer:
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "train_config": self.cfg.to_dict(),
         }
-        _atomic_text(self.out / "model.json", json.dumps(meta, indent=2) + "\n")
+        write_text(self.out / "model.json", json.dumps(meta, indent=2) + "\n")
 
     def write_log(self) -> None:
         buf = io.StringIO()
@@ -378,7 +365,7 @@ class Trainer:
         w.writeheader()
         for r in self.rows:
             w.writerow({k: ("" if r.get(k) is None else r[k]) for k in LOG_COLUMNS})
-        _atomic_text(self.out / "log.csv", buf.getvalue())
+        write_text(self.out / "log.csv", buf.getvalue())
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self) -> dict:
@@ -480,7 +467,7 @@ class Trainer:
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device),
         }  # fmt: skip
-        _atomic_text(self.out / "summary.json", json.dumps(s, indent=2) + "\n")
+        write_text(self.out / "summary.json", json.dumps(s, indent=2) + "\n")
         return s
 
     def close(self) -> None:
@@ -521,7 +508,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    _atomic_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "paths": dataclasses.asdict(paths)}, indent=2) + "\n")
+    write_text(out / "config.json", json.dumps({"train": cfg.to_dict(), "paths": dataclasses.asdict(paths)}, indent=2) + "\n")
     if resolve_device(cfg.device) == "cpu":
         _mmap_large_allocations()
     trainer = Trainer(paths, cfg, out, skip_missing=skip_missing)

@@ -97,7 +97,7 @@ def make_synthetic(
     rng = np.random.default_rng(seed)
     n_videos = n_videos or {"train": 120, "val": 40, "test": 40}
     k = latent
-    k_t = max(1, int(round(teacher_share * k)))
+    k_t = max(1, round(teacher_share * k))
     a_v = rng.standard_normal((k, dv)).astype(np.float32) / np.sqrt(k)
     a_q = rng.standard_normal((k, dq)).astype(np.float32) / np.sqrt(k)
     a_t = rng.standard_normal((k, dt)).astype(np.float32) / np.sqrt(k) * 4.0  # raw CLIP-like scale
@@ -139,7 +139,7 @@ def make_synthetic(
             else:
                 raise ValueError(f"teacher_rows must be same|fewer|more|mixed, got {teacher_rows!r}")
 
-            def latents(n):
+            def latents(n, edges=edges, events=events, bg=bg):
                 t = (np.arange(n) + 0.5) / n
                 seg = np.searchsorted(edges, t, side="right") - 1
                 return events[seg] + 0.7 * bg

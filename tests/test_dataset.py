@@ -148,7 +148,7 @@ def _tiny(tmp_path, lens=(3, 5, 2, 4), caps=(2, 1, 3, 2), toks=None, dv=4, dq=3)
 
 
 def test_collation_order_labels_masks(tmp_path):
-    vids, caps = _tiny(tmp_path)
+    vids, _ = _tiny(tmp_path)
     d = PRVRData.load(read_captions(tmp_path / "c.txt"), tmp_path / "sv.zarr", tmp_path / "st.zarr", max_desc_l=4)
     assert d.video_ids == vids and d.n_queries == 8
     b = d.collate(np.array([0, 1, 2, 3]))

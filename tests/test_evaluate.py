@@ -41,8 +41,8 @@ def _naive_ranks(model, data):
             for b, x in model.encode_video(fr, m).items():
                 vv.setdefault(b, []).append(x[0].double().numpy())
     scores = {}
-    for b in qv:
-        q = np.stack(qv[b])
+    for b, rows in qv.items():
+        q = np.stack(rows)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         s = np.zeros((len(q), data.n_videos))
         for j, f in enumerate(vv[b]):
@@ -56,7 +56,7 @@ def _naive_ranks(model, data):
 
 def test_chunked_ranks_equal_naive(trained):
     p, root = trained
-    model, meta = load_trained(root / "run")
+    model, _ = load_trained(root / "run")
     data = PRVRData.load(read_captions(p.captions["test"]), p.student_video, p.student_text, max_ctx_l=8, max_desc_l=4)
     q, v, vmask = encode_split(model, data, "cpu", video_batch=5, query_batch=7)
     ranks = score_ranks(q, v, vmask, torch.from_numpy(data.query_video), query_chunk=3, video_chunk=2)
@@ -98,7 +98,7 @@ def test_single_query_and_one_token(trained, tmp_path):
 
 
 def test_dimension_mismatch_is_reported(trained, tmp_path):
-    p, root = trained
+    _, root = trained
     other = make_synthetic(tmp_path / "o", n_videos={"train": 2, "val": 2, "test": 2}, dv=7, seed=1)
     with pytest.raises(ValueError, match="do not match the trained model"):
         evaluate(root / "run", other.student_video, other.student_text, other.captions["test"], tmp_path / "x.json")

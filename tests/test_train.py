@@ -15,7 +15,8 @@ from prvr.train import LOG_COLUMNS, build_model, train
 
 torch.set_num_threads(1)
 
-TINY = dict(hidden=16, n_heads=2, drop=0.1, input_drop=0.1, batch_size=16, lr=2e-3, progress=False, threads=1)
+TINY = {"hidden": 16, "n_heads": 2, "drop": 0.1, "input_drop": 0.1, "batch_size": 16, "lr": 2e-3, "progress": False,
+        "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +175,9 @@ def test_missing_videos_fail_or_are_skipped(tiny_set, tmp_path):
     assert s["n_train_videos"] == 40
 
 
-def test_rewritten_features_do_not_resume(tiny_set, tmp_path):
+def test_rewritten_features_do_not_resume(tmp_path):
     import shutil
 
-    p, teacher = tiny_set
     copy = make_synthetic(tmp_path / "data", n_videos={"train": 40, "val": 10, "test": 10}, rows=(3, 10), tokens=(1, 6),
                           dv=12, dq=8, dt=8, latent=6, teacher_rows="mixed", seed=1)  # fmt: skip
     teacher_similarity(copy.teacher_video, copy.teacher_text, copy.student_video, copy.captions["train"], tmp_path / "t")
