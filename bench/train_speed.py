@@ -206,15 +206,14 @@ def _count_epoch_flops(tr) -> dict:
 # ----------------------------------------------------------------------------- imitation
 
 
-def phase_baseline(args) -> dict:
+def _imitation(args):
+    """The reference-style dataset, collate function and loop loss (see the module docstring)."""
     import numpy as np
     import torch
 
     from prvr.data.captions import read_captions
     from prvr.losses import LossParams, alpha_beta, kd_weight
-    from prvr.optim import BertAdam, param_groups
     from prvr.store import FeatureStore
-    from prvr.train import build_model
 
     torch.set_num_threads(args.threads)
     dev = _device(args)
@@ -346,8 +345,18 @@ def phase_baseline(args) -> dict:
                 total = total + kd_weight(epoch, lp) * kd
         return total
 
+    return RefStyleDataset(), collate, loop_loss, cfg, dev
+
+
+def phase_baseline(args) -> dict:
+    import torch
+
+    from prvr.optim import BertAdam, param_groups
+    from prvr.train import build_model
+
+    torch.set_num_threads(args.threads)
+    ds, collate, loop_loss, cfg, dev = _imitation(args)
     torch.manual_seed(cfg.seed)
-    ds = RefStyleDataset()
     model = build_model(cfg, ds.sv.dim, ds.st.dim).to(dev)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=0)
     opt = BertAdam(param_groups(model, cfg.weight_decay), lr=cfg.lr, warmup=cfg.warmup,
@@ -369,8 +378,86 @@ def phase_baseline(args) -> dict:
                 opt.step()
         _sync(dev)
         epoch_s.append(time.perf_counter() - t)
-    return {"videos": len(video_ids), "epoch_s": epoch_s, "epoch_s_median": statistics.median(epoch_s),
+    return {"videos": len(ds), "epoch_s": epoch_s, "epoch_s_median": statistics.median(epoch_s),
             "peak_rss_mb": _rss_mb()}  # fmt: skip
+
+
+def phase_components(args) -> dict:
+    """Each imitated cost on its own, beside prvr's counterpart, on the ``--baseline-videos`` set.
+
+    data: one pass of per-sample reads + Python collation vs load-once + vectorised collation;
+    loss: forward + backward of the loss alone on fixed embeddings (Python loops vs prvr.losses);
+    anomaly: one full training step with and without ``detect_anomaly`` (prvr's loss).
+    """
+    import torch
+
+    from prvr.data.captions import read_captions
+    from prvr.data.dataset import PRVRData
+    from prvr.losses import LossParams, dldkdpp_loss
+    from prvr.train import build_model
+
+    torch.set_num_threads(args.threads)
+    ds, collate, loop_loss, cfg, dev = _imitation(args)
+    p = _paths(args, args.baseline_videos)
+    out = {}
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=0)
+    t = time.perf_counter()
+    batches = list(loader)
+    out["data_imitation_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    data = PRVRData.load(read_captions(p["captions"]["train"]), p["student_video"], p["student_text"],
+                         teacher=p["teacher_dir"])  # fmt: skip
+    ours = list(data.train_batches(cfg.batch_size, cfg.seed, 0))
+    out["data_prvr_load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ours = list(data.train_batches(cfg.batch_size, cfg.seed, 1))
+    out["data_prvr_epoch_s"] = time.perf_counter() - t
+    torch.manual_seed(0)
+    model = build_model(cfg, ds.sv.dim, ds.st.dim).to(dev)
+    lp = LossParams.from_config(cfg)
+    b, ob = batches[0], ours[0]
+    with torch.no_grad():
+        q0 = model.encode_query(b[3].to(dev), b[4].to(dev))
+        v0 = model.encode_video(b[0].to(dev), b[1].to(dev))
+
+    def time_loss(fn, n=3):
+        ts = []
+        for _ in range(n):
+            q = {k: x.clone().requires_grad_() for k, x in q0.items()}
+            v = {k: x.clone().requires_grad_() for k, x in v0.items()}
+            _sync(dev)
+            t = time.perf_counter()
+            fn(q, v).backward()
+            _sync(dev)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    bb = [x.to(dev) for x in b]
+    out["loss_imitation_s"] = time_loss(lambda q, v: loop_loss(q, v, bb[1], bb[6], bb[2], bb[5], 0))
+    t_raw = torch.einsum("qd,bld->qbl", bb[5], bb[2]).masked_fill(~bb[1].bool()[None], -1e10).amax(-1)
+    t_pos = torch.nn.functional.cosine_similarity(bb[5][:, None], bb[2][bb[6]], dim=-1)
+    out["loss_prvr_s"] = time_loss(lambda q, v: dldkdpp_loss(q, v, bb[1], bb[6], t_raw, t_pos, 0, lp)["loss"])
+
+    def step(anomaly: bool):
+        ts = []
+        for _ in range(2):
+            _sync(dev)
+            t = time.perf_counter()
+            with torch.autograd.set_detect_anomaly(anomaly):
+                q = model.encode_query(ob.query.to(dev), ob.query_mask.to(dev))
+                v = model.encode_video(ob.video.to(dev), ob.video_mask.to(dev))
+                loss = dldkdpp_loss(q, v, ob.video_mask.to(dev), ob.labels.to(dev), ob.teacher_raw.to(dev),
+                                    ob.teacher_pos_cos.to(dev), 0, lp)["loss"]  # fmt: skip
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+            _sync(dev)
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    out["step_prvr_s"] = step(False)
+    out["step_anomaly_s"] = step(True)
+    out["batches"] = len(batches)
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -411,7 +498,8 @@ def main(argv=None) -> int:
     if args.phase:
         fn = {"gen": phase_gen, "peak": phase_peak, "baseline": phase_baseline,
               "ours": lambda a: phase_ours(a, a.videos, True),
-              "ours200": lambda a: phase_ours(a, a.baseline_videos, False)}[args.phase]  # fmt: skip
+              "ours200": lambda a: phase_ours(a, a.baseline_videos, False),
+              "components": phase_components}[args.phase]  # fmt: skip
         print(json.dumps(fn(args)))
         return 0
     own = args.data is None
@@ -424,6 +512,7 @@ def main(argv=None) -> int:
             res["ours200"] = min((p[0] for p in pairs), key=lambda r: r["epoch_s_median"])
             res["baseline"] = min((p[1] for p in pairs), key=lambda r: r["epoch_s_median"])
             res["pairs"] = [[p[0]["epoch_s_median"], p[1]["epoch_s_median"]] for p in pairs]
+            res["components"] = _run_phase(args, "components")
     finally:
         if own:
             shutil.rmtree(args.data, ignore_errors=True)
@@ -459,6 +548,21 @@ def main(argv=None) -> int:
             f"{b['epoch_s_median'] / o2['epoch_s_median']:.2f}x |"),
             "| pairs (prvr s, imitation s) | " + ", ".join(f"({a:.1f}, {c:.1f})" for a, c in res["pairs"]) + " |",
             f"| imitation peak RSS MB | {b['peak_rss_mb']:.0f} |",
+        ]
+        c = res["components"]
+        lines += [
+            "",
+            f"Imitated costs one by one ({b['videos']} videos, {c['batches']} batches; seconds):",
+            "",
+            "| cost | imitation | prvr |",
+            "|---|---:|---:|",
+            (f"| data: per-sample reads + Python collation, one epoch vs load once | {c['data_imitation_s']:.2f} | "
+            f"{c['data_prvr_load_s']:.2f} |"),
+            (f"| data: per epoch after loading (prvr: vectorised collation) | {c['data_imitation_s']:.2f} | "
+            f"{c['data_prvr_epoch_s']:.2f} |"),
+            (f"| loss fwd+bwd on fixed embeddings, one batch (Python loops vs vectorised) | {c['loss_imitation_s']:.3f} | "
+            f"{c['loss_prvr_s']:.3f} |"),
+            f"| one training step with / without detect_anomaly | {c['step_anomaly_s']:.2f} | {c['step_prvr_s']:.2f} |",
         ]
         lines += ["", "The baseline is an IMITATION of the reference's costs written in this bench (per-sample store",
                   "reads + Python resampling/collation, Python loops over videos in the v2t loss terms,",
