@@ -160,8 +160,58 @@ def test_demo_models_deterministic(models, tmp_path):
     a = demo.train_demo_tokenizer()
     b = demo.train_demo_tokenizer()
     assert a.get_vocab() == b.get_vocab()
-    demo._make_clip_dir(tmp_path / "clip", demo.CLIP_CONFIG, seed=0)
+    demo._make_clip_dir(tmp_path / "clip", demo.CLIP_CONFIG, seed=0, fit_text=True)
     assert (tmp_path / "clip" / "open_clip_model.safetensors").read_bytes() == (
         out / "clip" / "open_clip_model.safetensors"
     ).read_bytes()
     assert state_digest(load_clip(f"local-dir:{tmp_path / 'clip'}").model)
+
+
+def test_calibration_frames():
+    frames, labels = demo.calibration_frames(5)
+    pairs = demo.colour_shape_pairs()
+    assert frames.shape == (420, demo.HEIGHT, demo.WIDTH, 3) and frames.dtype == np.uint8
+    assert np.bincount(labels + 1).tolist() == [84] + [16] * len(pairs)  # background + 4x4 per pair
+    again, labels2 = demo.calibration_frames(5)
+    assert np.array_equal(frames, again) and np.array_equal(labels, labels2)
+    assert not np.array_equal(frames, demo.calibration_frames(6)[0])
+    for f, k in zip(frames, labels):
+        if k < 0:  # background only: nothing saturated
+            assert (f.max(-1).astype(int) - f.min(-1)).max() < 60
+        else:  # the pair's colour is shown
+            close = np.abs(f.astype(int) - np.array(demo.COLOURS[pairs[k][0]])).max(-1) < 40
+            assert close.sum() > 20
+    texts, idx = demo.demo_phrasings()
+    assert len(texts) == len(idx) == 1764 and sorted(set(idx)) == list(range(len(pairs)))
+    vocab = set(texts)
+    assert all(e.caption in vocab for i in range(30) for e in demo.describe_video(0, i).events if "background" not in e.caption)
+
+
+def test_demo_models_are_calibrated(models):
+    """Held-out frames: centred image features; the teacher's captions point at their colour."""
+    from PIL import Image
+
+    out, info = models
+    assert info["clip"]["calibration"]["mean_cosine_before"] > 0.8  # what the centring removes
+    assert info["clip"]["calibration"]["text_fit_cosine"] > 0.6
+    frames, labels = demo.calibration_frames(123)  # other frames than the calibration's own
+    pairs = demo.colour_shape_pairs()
+    feats = {}
+    for name in ("clip", "student_clip"):
+        bundle = load_clip(f"local-dir:{out / name}")
+        with torch.inference_mode():
+            x = torch.stack([bundle.preprocess(Image.fromarray(f)) for f in frames])
+            f = torch.nn.functional.normalize(bundle.model.encode_image(x), dim=-1)
+        feats[name] = f
+        assert float((f @ f.T).mean()) < 0.2  # measured 0.04-0.05 (0.95-0.96 before centring)
+    teacher = load_clip(f"local-dir:{out / 'clip'}")
+    lab = torch.from_numpy(labels)
+    means = torch.nn.functional.normalize(torch.stack([feats["clip"][lab == k].mean(0) for k in range(len(pairs))]), dim=-1)
+    events = [e for i in range(40) for e in demo.describe_video(7, i).events]
+    with torch.inference_mode():
+        q = torch.nn.functional.normalize(teacher.model.encode_text(teacher.tokenizer([e.caption for e in events])), dim=-1)
+    pred = (q @ means.T).argmax(1).tolist()
+    colour_hits = np.mean([pairs[p][0] == e.colour for p, e in zip(pred, events)])
+    pair_hits = np.mean([pairs[p] == (e.colour, e.shape) for p, e in zip(pred, events)])
+    # measured: colour 0.72 (chance 1/7), colour and shape 0.34 (chance 1/21)
+    assert colour_hits > 0.45 and pair_hits > 0.15, (colour_hits, pair_hits)
