@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prvr.atomic import replace_dir
 from prvr.data.captions import Caption, write_captions
 
 log = logging.getLogger(__name__)
@@ -512,13 +513,7 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     os.umask(umask)
     for f in tmp.iterdir():  # safetensors writes 0600 files; give them the usual permissions
         f.chmod(0o666 & ~umask)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
 
 
 def _input_dependent_visual(model) -> None:

@@ -59,9 +59,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-_replace_dir = replace_dir  # used by other modules that write zarr groups atomically
-
-
 class StoreWriter:
     """Append items (one 2-D array each) to a new store; atomic on :meth:`close`.
 
@@ -165,7 +162,7 @@ class StoreWriter:
                 "complete": True,
             }
         )
-        _replace_dir(self.tmp, self.path)
+        replace_dir(self.tmp, self.path)
         self._closed = True
         return self.path
 
